@@ -1,0 +1,160 @@
+"""Backend dispatch: array namespaces, dtype checks, sparse modules and the thread pool.
+
+Every public function finds its namespace here, once, from its inputs::
+
+    xp = namespace(q, k, v)
+
+and passes it down as ``xp=``. Nothing below that line names ``numpy``. The namespace is the
+array-api-compat wrapper for NumPy and CuPy, or the array library itself when it already follows
+the standard (array-api-strict). ``scipy.sparse`` is not covered by the array API, so
+:func:`sparse_module` picks ``scipy.sparse`` or ``cupyx.scipy.sparse`` from the namespace.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
+from typing import Any, TypeVar
+
+import array_api_compat
+from array_api_compat import array_namespace, is_cupy_namespace, is_numpy_namespace
+
+__all__ = [
+    "check_floating",
+    "default_namespace",
+    "describe",
+    "floating_dtype",
+    "is_sparse",
+    "n_threads",
+    "namespace",
+    "parallel_map",
+    "sparse_module",
+]
+
+Array = Any
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def namespace(*arrays: Any) -> ModuleType:
+    """The array namespace shared by ``arrays`` (``None`` entries are skipped).
+
+    Raises TypeError when the arrays come from different libraries, or when none is given.
+    """
+    present = [a for a in arrays if a is not None]
+    if not present:
+        raise TypeError("refattn: no array was given to infer the array namespace from")
+    try:
+        return array_namespace(*present)
+    except TypeError as exc:
+        kinds = sorted({type(a).__module__ + "." + type(a).__name__ for a in present})
+        raise TypeError(
+            f"refattn: inputs must all come from one array library, got {', '.join(kinds)}"
+        ) from exc
+
+
+def default_namespace() -> ModuleType:
+    """The NumPy namespace (array-api-compat's wrapper), for functions given no arrays."""
+    import numpy
+
+    return array_namespace(numpy.empty(0))
+
+
+def describe(x: Any) -> str:
+    """``"shape (2, 3) float32"`` for error messages."""
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is None:
+        return f"{type(x).__name__} {x!r}"
+    return f"shape {tuple(shape)} {dtype}"
+
+
+def check_floating(xp: ModuleType, name: str, x: Array) -> None:
+    """TypeError unless ``x`` has a real floating dtype."""
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(
+            f"refattn: {name} must have a real floating dtype (float32 or float64), got {x.dtype}"
+        )
+
+
+def floating_dtype(xp: ModuleType, name_to_array: dict[str, Array]) -> Any:
+    """Check every array is real floating and share one dtype; return that dtype.
+
+    refattn does not promote silently between float32 and float64: mixing them is a TypeError
+    that names the arguments, so that a float32 kernel is never compared to a float64 result by
+    accident.
+    """
+    dtypes: dict[str, Any] = {}
+    for name, x in name_to_array.items():
+        if x is None:
+            continue
+        check_floating(xp, name, x)
+        dtypes[name] = x.dtype
+    distinct = set(dtypes.values())
+    if len(distinct) > 1:
+        seen = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
+        raise TypeError(f"refattn: inputs must share one floating dtype, got {seen}")
+    return next(iter(distinct))
+
+
+def sparse_module(xp: ModuleType) -> ModuleType:
+    """``scipy.sparse`` for NumPy-like namespaces, ``cupyx.scipy.sparse`` for CuPy."""
+    if is_cupy_namespace(xp):
+        import cupyx.scipy.sparse
+
+        return cupyx.scipy.sparse
+    import scipy.sparse
+
+    return scipy.sparse
+
+
+def is_sparse(x: Any) -> bool:
+    """True for scipy.sparse and cupyx.scipy.sparse matrices and arrays."""
+    import scipy.sparse
+
+    if scipy.sparse.issparse(x):
+        return True
+    module = type(x).__module__
+    if module.startswith("cupyx.scipy.sparse"):
+        import cupyx.scipy.sparse
+
+        return bool(cupyx.scipy.sparse.issparse(x))
+    return False
+
+
+def n_threads() -> int:
+    """Worker threads for :func:`parallel_map`: ``REFATTN_NUM_THREADS`` or the CPU count."""
+    env = os.environ.get("REFATTN_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, os.cpu_count() or 1)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=n_threads(), thread_name_prefix="refattn")
+    return _POOL
+
+
+def parallel_map(xp: ModuleType, fn: Callable[[T], R], items: Sequence[T] | Iterable[T]) -> list[R]:
+    """``[fn(i) for i in items]``, run across CPU threads for NumPy.
+
+    NumPy releases the GIL inside ufuncs and BLAS, so independent blocks of work (heads, query
+    blocks) use both cores. Other backends run serially: CuPy already runs in parallel on the
+    device, and array-api-strict is for checking, not speed.
+    """
+    items = list(items)
+    if len(items) <= 1 or not is_numpy_namespace(xp) or n_threads() == 1:
+        return [fn(i) for i in items]
+    return list(_pool().map(fn, items))
+
+
+def device_of(x: Array) -> Any:
+    """The device ``x`` lives on (array-api-compat's ``device``)."""
+    return array_api_compat.device(x)

@@ -1,0 +1,14 @@
+"""Differentiable ops: each keeps its forward, its backward and its derivation together."""
+
+from .attention import scaled_dot_product_attention
+from .masks import causal_mask, from_torch_mha_masks, padding_mask
+from .softmax import log_softmax, softmax
+
+__all__ = [
+    "causal_mask",
+    "from_torch_mha_masks",
+    "log_softmax",
+    "padding_mask",
+    "scaled_dot_product_attention",
+    "softmax",
+]

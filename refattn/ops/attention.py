@@ -24,17 +24,26 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .._backend import describe, floating_dtype, namespace, parallel_map
+from .._backend import (
+    describe,
+    exp_inplace,
+    floating_dtype,
+    n_threads,
+    namespace,
+    parallel_map,
+)
 from .._op import Op
 from .masks import causal_keep, check_alignment
-from .softmax import check_broadcast, check_mask, masked_softmax_parts, normalize
+from .softmax import check_broadcast, check_mask
 
 __all__ = ["Problem", "prepare", "scaled_dot_product_attention"]
 
 Array = Any
 
-#: rows per block are chosen so a block's score matrix stays near this many bytes
-_BLOCK_BYTES = 32 * 2**20
+#: NumPy: rows per block are chosen so a block's score matrix is about this many bytes
+_BLOCK_BYTES = 4 * 2**20
+#: other backends (CuPy, array-api-strict): the largest score block computed at once
+_DEVICE_BLOCK_BYTES = 1024 * 2**20
 
 
 @dataclass
@@ -83,20 +92,24 @@ class Problem:
             return x
         return x[:, :, :, r0:r1, ...]
 
-    def row_blocks(self, n_blocks: int | None = None) -> list[tuple[int, int]]:
-        """Split ``range(n_q)`` into contiguous blocks for :func:`parallel_map`."""
+    def row_blocks(self) -> list[tuple[int, int]]:
+        """Split ``range(n_q)`` into contiguous row blocks for :func:`parallel_map`.
+
+        On NumPy a block's score matrix is about :data:`_BLOCK_BYTES` (it stays in cache through
+        the softmax's passes) and there are at least two blocks per thread; other backends take
+        the rows in as few blocks as :data:`_DEVICE_BLOCK_BYTES` allows.
+        """
         n_q = self.n_q
         if n_q == 0:
             return []
-        per_row = max(1, math.prod(self.q.shape[:3]) * self.n_k * 8)
-        by_memory = math.ceil(n_q * per_row / _BLOCK_BYTES)
-        from .._backend import n_threads
-
-        if n_blocks is None:
-            n_blocks = max(by_memory, n_threads()) if _is_threaded(self.xp) else by_memory
-        n_blocks = max(1, min(n_q, n_blocks))
-        step = math.ceil(n_q / n_blocks)
-        return [(r, min(r + step, n_q)) for r in range(0, n_q, step)]
+        itemsize = 4 if self.q.dtype == self.xp.float32 else 8
+        row_bytes = max(1, math.prod(self.q.shape[:3]) * self.n_k * itemsize)
+        if _is_threaded(self.xp):
+            rows = max(1, _BLOCK_BYTES // row_bytes)
+            rows = min(rows, max(1, math.ceil(n_q / (2 * n_threads()))))
+        else:
+            rows = max(1, _DEVICE_BLOCK_BYTES // row_bytes)
+        return [(r, min(r + rows, n_q)) for r in range(0, n_q, rows)]
 
 
 def _is_threaded(xp: Any) -> bool:
@@ -280,105 +293,186 @@ class _Canonicalizer:
 # ----------------------------------------------------------------------------- kernels
 
 
+@dataclass
+class Block:
+    """Saved forward state of query rows ``r0:r1``.
+
+    ``e = exp(S - shift)`` (0 where masked) is kept unnormalised with ``inv_l = 1 / rowsum(e)``
+    (0 for a fully masked row), so that ``P = e * inv_l``. Normalising lazily saves one pass over
+    the scores in the forward, and costs nothing in the backward: ``1/l`` is folded into the
+    ``(rows, d)`` operands of the GEMMs instead.
+    """
+
+    r0: int
+    r1: int
+    e: Array  # (B, Hkv, g, r, n_k)
+    inv_l: Array  # (B, Hkv, g, r, 1)
+
+    def weights(self) -> Array:
+        return self.e * self.inv_l
+
+
 def _merge_group(xp: Any, x: Array) -> Array:
     """``(B, Hkv, g, r, d) -> (B, Hkv, g * r, d)``."""
     b, h, g, r, d = x.shape
     return xp.reshape(x, (b, h, g * r, d))
 
 
-def _forward_block(pb: Problem, r0: int, r1: int) -> tuple[Array, Array, Array]:
-    """Rows ``r0:r1`` of the forward: ``(O, P, lse)``.
+def _forward_block(pb: Problem, r0: int, r1: int) -> tuple[Array, Block, Array]:
+    """Rows ``r0:r1`` of the forward: ``(O, Block, lse)``.
 
-    Shapes ``(B, Hkv, g, r, d_v)``, ``(B, Hkv, g, r, n_k)`` and ``(B, Hkv, g, r)``.
+    Shapes ``(B, Hkv, g, r, d_v)`` and ``(B, Hkv, g, r)``.
     """
     xp = pb.xp
     q = pb.rows(pb.q, r0, r1)
     b, h, g, r, _ = q.shape
-    s = _merge_group(xp, q * pb.scale) @ xp.matrix_transpose(pb.k)
-    s = xp.reshape(s, (b, h, g, r, pb.n_k))
+    s = xp.reshape(_merge_group(xp, q * pb.scale) @ xp.matrix_transpose(pb.k), (b, h, g, r, -1))
     bias = pb.rows(pb.bias, r0, r1)
     if bias is not None:
-        s = s + bias
-    e, total, shift = masked_softmax_parts(s, axis=-1, keep=pb.rows(pb.keep, r0, r1), xp=xp)
-    p = normalize(e, total, xp=xp)
+        s += bias
+    keep = pb.rows(pb.keep, r0, r1)
+    if keep is not None:
+        s = xp.where(keep, s, -float("inf"))
+    shift = xp.max(s, axis=-1, keepdims=True)
+    shift = xp.where(xp.isfinite(shift), shift, xp.zeros_like(shift))
+    s -= shift
+    e = exp_inplace(xp, s)
+    total = xp.sum(e, axis=-1, keepdims=True)
     positive = total > 0
     safe = xp.where(positive, total, xp.ones_like(total))
+    inv_l = xp.where(positive, 1.0 / safe, xp.zeros_like(total))
     lse = xp.where(positive, shift + xp.log(safe), -float("inf"))[..., 0]
     drop = pb.rows(pb.drop, r0, r1)
-    pd = p if drop is None else p * drop
-    o = xp.reshape(xp.reshape(pd, (b, h, g * r, pb.n_k)) @ pb.v, (b, h, g, r, -1))
-    return o, p, lse
+    e_drop = e if drop is None else e * drop
+    o = xp.reshape(_merge_group(xp, e_drop) @ pb.v, (b, h, g, r, -1)) * inv_l
+    return o, Block(r0, r1, e, inv_l), lse
+
+
+def forward_blocks(pb: Problem) -> tuple[Array, list[Block], Array]:
+    """The whole forward, keeping the per-block state: ``(O, blocks, lse)`` (canonical)."""
+    xp = pb.xp
+    results = parallel_map(xp, lambda rr: _forward_block(pb, *rr), pb.row_blocks())
+    if not results:
+        o = xp.zeros((*pb.q.shape[:4], pb.v.shape[-1]), dtype=pb.q.dtype)
+        return o, [], xp.zeros(pb.q.shape[:4], dtype=pb.q.dtype)
+    if len(results) == 1:
+        o, block, lse = results[0]
+        return o, [block], lse
+    o = xp.concat([res[0] for res in results], axis=3)
+    lse = xp.concat([res[2] for res in results], axis=3)
+    return o, [res[1] for res in results], lse
+
+
+def weights_from_blocks(xp: Any, blocks: list[Block]) -> Array:
+    """The attention weights ``P`` (B, Hkv, g, n_q, n_k) assembled from the blocks."""
+    parts = [blk.weights() for blk in blocks]
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=3)
 
 
 def forward_materialized(pb: Problem) -> tuple[Array, Array, Array]:
     """The whole forward: ``(O, P, lse)`` in the canonical layout."""
-    xp = pb.xp
-    blocks = pb.row_blocks()
-    results = parallel_map(xp, lambda rr: _forward_block(pb, *rr), blocks)
-    if len(results) == 1:
-        return results[0]
-    return tuple(xp.concat([res[i] for res in results], axis=3) for i in range(3))
+    o, blocks, lse = forward_blocks(pb)
+    return o, weights_from_blocks(pb.xp, blocks), lse
 
 
 def _backward_block(
     pb: Problem,
-    p: Array,
+    blk: Block,
     o: Array,
     d_o: Array | None,
     d_p: Array | None,
     d_lse: Array | None,
-    r0: int,
-    r1: int,
-) -> tuple[Array, Array, Array, Array]:
-    """Rows ``r0:r1`` of the backward: ``(dQ rows, dK part, dV part, dS rows)``."""
+    want_ds: bool,
+) -> tuple[Array, Array, Array, Array | None]:
+    """Rows ``r0:r1`` of the backward: ``(dQ rows, dK part, dV part, dS rows or None)``.
+
+    With ``t = e o (dP - c)``, where ``c`` collects the per-row terms (Delta, the weights
+    cotangent's row sums, minus the LSE cotangent), ``dS = t / l`` and
+    ``dQ = scale (t K) / l``, ``dK = scale t^T (Q / l)``: the division by ``l`` happens on
+    ``(rows, d)`` operands, never on the scores.
+    """
     xp = pb.xp
+    r0, r1 = blk.r0, blk.r1
     q = pb.rows(pb.q, r0, r1)
-    b, h, g, r, _ = q.shape
-    p = p[:, :, :, r0:r1, :]
+    e, inv_l = blk.e, blk.inv_l
     drop = pb.rows(pb.drop, r0, r1)
-    pd = p if drop is None else p * drop
-    d_scores = xp.zeros_like(p)
+    t = None
+    row_c = None
     d_v = xp.zeros_like(pb.v)
     if d_o is not None:
-        d_o = d_o[:, :, :, r0:r1, :]
-        d_o_m = _merge_group(xp, d_o)
-        d_v = xp.matrix_transpose(xp.reshape(pd, (b, h, g * r, pb.n_k))) @ d_o_m
-        d_pd = xp.reshape(d_o_m @ xp.matrix_transpose(pb.v), p.shape)
-        d_prob = d_pd if drop is None else d_pd * drop
+        d_o_r = d_o[:, :, :, r0:r1, :]
+        e_drop = e if drop is None else e * drop
+        d_v = xp.matrix_transpose(_merge_group(xp, e_drop)) @ _merge_group(xp, d_o_r * inv_l)
+        t = xp.reshape(_merge_group(xp, d_o_r) @ xp.matrix_transpose(pb.v), tuple(e.shape))
+        if drop is not None:
+            t *= drop
         # Delta = rowsum(dP o P) = rowsum(dO o O): the O(n d) form of the softmax VJP's sum.
-        delta = xp.sum(d_o * o[:, :, :, r0:r1, :], axis=-1, keepdims=True)
-        d_scores = p * (d_prob - delta)
+        row_c = xp.sum(d_o_r * o[:, :, :, r0:r1, :], axis=-1, keepdims=True)
     if d_p is not None:
-        d_p = d_p[:, :, :, r0:r1, :]
-        d_scores = d_scores + p * (d_p - xp.sum(d_p * p, axis=-1, keepdims=True))
+        d_p_r = d_p[:, :, :, r0:r1, :]
+        if t is None:
+            t = xp.asarray(d_p_r, copy=True)
+        else:
+            t += d_p_r
+        c_w = xp.sum(d_p_r * e, axis=-1, keepdims=True) * inv_l
+        row_c = c_w if row_c is None else row_c + c_w
     if d_lse is not None:
-        d_scores = d_scores + d_lse[:, :, :, r0:r1, None] * p
-    d_s_m = xp.reshape(d_scores, (b, h, g * r, pb.n_k))
-    d_q = xp.reshape(d_s_m @ pb.k, q.shape) * pb.scale
-    d_k = (xp.matrix_transpose(d_s_m) @ _merge_group(xp, q)) * pb.scale
-    return d_q, d_k, d_v, d_scores
+        d_l = d_lse[:, :, :, r0:r1, None]
+        row_c = -d_l if row_c is None else row_c - d_l
+    if row_c is None:  # no cotangent at all
+        return xp.zeros_like(q), xp.zeros_like(pb.k), d_v, (xp.zeros_like(e) if want_ds else None)
+    if t is None:
+        t = xp.zeros_like(e)
+    t -= row_c
+    t *= e
+    q_scaled = q * (inv_l * pb.scale)
+    d_q = xp.reshape(_merge_group(xp, t) @ pb.k, q.shape) * (inv_l * pb.scale)
+    d_k = xp.matrix_transpose(_merge_group(xp, t)) @ _merge_group(xp, q_scaled)
+    return d_q, d_k, d_v, (t * inv_l if want_ds else None)
+
+
+def backward_blocks(
+    pb: Problem,
+    blocks: list[Block],
+    o: Array,
+    d_o: Array | None,
+    d_p: Array | None,
+    d_lse: Array | None,
+    *,
+    want_ds: bool = False,
+) -> tuple[Array, Array, Array, Array | None]:
+    """The whole backward from the forward's blocks: ``(dQ, dK, dV, dS or None)``, canonical."""
+    xp = pb.xp
+    parts = parallel_map(
+        xp, lambda blk: _backward_block(pb, blk, o, d_o, d_p, d_lse, want_ds), blocks
+    )
+    if not parts:
+        return xp.zeros_like(pb.q), xp.zeros_like(pb.k), xp.zeros_like(pb.v), None
+    d_q = parts[0][0] if len(parts) == 1 else xp.concat([part[0] for part in parts], axis=3)
+    d_k, d_v = parts[0][1], parts[0][2]
+    for part in parts[1:]:
+        d_k = d_k + part[1]
+        d_v = d_v + part[2]
+    d_s = None
+    if want_ds:
+        d_s = parts[0][3] if len(parts) == 1 else xp.concat([part[3] for part in parts], axis=3)
+    return d_q, d_k, d_v, d_s
 
 
 def backward_materialized(
     pb: Problem, p: Array, o: Array, d_o: Array | None, d_p: Array | None, d_lse: Array | None
 ) -> tuple[Array, Array, Array, Array]:
-    r"""The whole backward in the canonical layout: ``(dQ, dK, dV, dS)``.
+    r"""The whole backward from materialized weights ``P``: ``(dQ, dK, dV, dS)``, canonical.
 
     ``dS`` is the gradient with respect to the (biased) scores ``S``, i.e. the bias gradient
     before broadcasting is undone.
     """
     xp = pb.xp
-    blocks = pb.row_blocks()
-    parts = parallel_map(xp, lambda rr: _backward_block(pb, p, o, d_o, d_p, d_lse, *rr), blocks)
-    if len(parts) == 1:
-        return parts[0]
-    d_q = xp.concat([part[0] for part in parts], axis=3)
-    d_s = xp.concat([part[3] for part in parts], axis=3)
-    d_k = parts[0][1]
-    d_v = parts[0][2]
-    for part in parts[1:]:
-        d_k = d_k + part[1]
-        d_v = d_v + part[2]
+    ones = xp.ones((*p.shape[:4], 1), dtype=p.dtype)
+    blocks = [
+        Block(r0, r1, p[:, :, :, r0:r1, :], ones[:, :, :, r0:r1, :]) for r0, r1 in pb.row_blocks()
+    ]
+    d_q, d_k, d_v, d_s = backward_blocks(pb, blocks, o, d_o, d_p, d_lse, want_ds=True)
     return d_q, d_k, d_v, d_s
 
 
@@ -456,16 +550,16 @@ def _sdpa_fwd(
         dropout_mask=dropout_mask,
         dropout_p=dropout_p,
     )
-    o, p, lse = forward_materialized(pb)
+    o, blocks, lse = forward_blocks(pb)
     xp = pb.xp
     out = xp.reshape(o, pb.out_shape)
     extras = []
     if return_weights:
-        extras.append(xp.reshape(p, pb.weights_shape))
+        extras.append(xp.reshape(weights_from_blocks(xp, blocks), pb.weights_shape))
     if return_lse:
         extras.append(xp.reshape(lse, pb.lse_shape))
     result = (out, *extras) if extras else out
-    return result, (pb, p, o)
+    return result, (pb, blocks, o)
 
 
 def _sdpa_bwd(
@@ -497,17 +591,17 @@ def _sdpa_bwd(
     ``dV`` sum the group's contributions inside the GEMM. Masked entries have ``P = 0``, hence
     ``dS = 0`` there, and a fully masked row contributes nothing.
     """
-    pb, p, o = residuals
+    pb, blocks, o = residuals
     xp = pb.xp
     cts = list(cotangent) if isinstance(cotangent, tuple) else [cotangent]
     d_out = cts.pop(0)
     d_w = cts.pop(0) if return_weights else None
     d_lse = cts.pop(0) if return_lse else None
-    canon_shape = tuple(p.shape)
+    canon_shape = (*tuple(o.shape[:4]), pb.n_k)
     d_o = None if d_out is None else xp.reshape(d_out, tuple(o.shape))
     d_p = None if d_w is None else xp.reshape(d_w, canon_shape)
     d_l = None if d_lse is None else xp.reshape(d_lse, canon_shape[:-1])
-    d_q, d_k, d_v, _ = backward_materialized(pb, p, o, d_o, d_p, d_l)
+    d_q, d_k, d_v, _ = backward_blocks(pb, blocks, o, d_o, d_p, d_l)
     return (
         xp.reshape(d_q, pb.q_shape),
         xp.reshape(d_k, pb.k_shape),

@@ -104,6 +104,8 @@ class Problem:
             return []
         itemsize = 4 if self.q.dtype == self.xp.float32 else 8
         row_bytes = max(1, math.prod(self.q.shape[:3]) * self.n_k * itemsize)
+        if row_bytes * n_q <= _BLOCK_BYTES // 4:  # small: threads would cost more than they save
+            return [(0, n_q)]
         if _is_threaded(self.xp):
             rows = max(1, _BLOCK_BYTES // row_bytes)
             rows = min(rows, max(1, math.ceil(n_q / (2 * n_threads()))))

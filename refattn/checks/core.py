@@ -1,0 +1,246 @@
+"""Check cases for softmax, log_softmax and scaled_dot_product_attention.
+
+The torch and JAX references are written as explicit math on float64 tensors, differentiated by
+the framework's autodiff. Fully masked rows are written so that the framework's autodiff
+produces no NaN: scores are filled with a large *finite* negative number, and the row's weights
+are then multiplied by "row has a kept entry" (0 or 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..ops.attention import scaled_dot_product_attention
+from ..ops.masks import causal_mask
+from ..ops.softmax import log_softmax, softmax
+from . import Case, register_case
+
+_BIG = 1e30  # finite "minus infinity" for the framework references
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+def _softmax_make(shape, *, masked: str | None = None, scale_logits: float = 1.0, axis: int = -1):
+    def make(rng: np.random.Generator):
+        x = rng.standard_normal(shape) * scale_logits
+        options: dict[str, Any] = {"axis": axis}
+        if masked is not None:
+            mask = rng.random(shape) > 0.3
+            if masked == "full_row":
+                index = [0] * len(shape)
+                index[axis] = slice(None)
+                mask[tuple(index)] = False
+            options["mask"] = mask
+        return (x,), options
+
+    return make
+
+
+def _torch_softmax(log: bool):
+    def ref(torch, primals, options):
+        (x,) = primals
+        axis = options.get("axis", -1)
+        mask = options.get("mask")
+        if mask is None:
+            return torch.log_softmax(x, axis) if log else torch.softmax(x, axis)
+        filled = torch.where(mask, x, torch.full_like(x, -_BIG))
+        any_kept = mask.any(dim=axis, keepdim=True)
+        if log:
+            y = torch.log_softmax(filled, axis)
+            return torch.where(mask & any_kept, y, torch.full_like(y, -math.inf))
+        return torch.softmax(filled, axis) * mask * any_kept
+
+    return ref
+
+
+def _jax_softmax(log: bool):
+    def ref(jnp, primals, options):
+        import jax
+
+        (x,) = primals
+        axis = options.get("axis", -1)
+        mask = options.get("mask")
+        if mask is None:
+            return jax.nn.log_softmax(x, axis) if log else jax.nn.softmax(x, axis)
+        filled = jnp.where(mask, x, -_BIG)
+        any_kept = mask.any(axis=axis, keepdims=True)
+        if log:
+            y = jax.nn.log_softmax(filled, axis)
+            return jnp.where(mask & any_kept, y, -jnp.inf)
+        return jax.nn.softmax(filled, axis) * mask * any_kept
+
+    return ref
+
+
+for _op, _log in ((softmax, False), (log_softmax, True)):
+    for _name, _make in (
+        ("plain", _softmax_make((3, 5))),
+        ("axis0", _softmax_make((4, 3), axis=0)),
+        ("mask", _softmax_make((2, 3, 5), masked="some")),
+        ("fully_masked_row", _softmax_make((3, 5), masked="full_row")),
+        ("large_logits", _softmax_make((3, 5), scale_logits=1e4)),
+    ):
+        register_case(
+            Case(
+                _op,
+                _name,
+                _make,
+                torch_ref=_torch_softmax(_log),
+                jax_ref=_jax_softmax(_log),
+                tags=("core",),
+            )
+        )
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _sdpa_make(
+    q_shape,
+    kv_heads: int | None = None,
+    n_k: int | None = None,
+    d_v: int | None = None,
+    **flags: Any,
+):
+    """Case factory: q (..., Hq, n_q, d), k/v with ``kv_heads`` heads and ``n_k`` keys."""
+
+    def make(rng: np.random.Generator):
+        *lead, n_q, d = q_shape
+        h_kv = kv_heads if kv_heads is not None else (lead[-1] if lead else None)
+        kv_lead = [*lead[:-1], h_kv] if lead else []
+        nk = n_k if n_k is not None else n_q
+        dv = d_v if d_v is not None else d
+        q = rng.standard_normal(q_shape)
+        k = rng.standard_normal((*kv_lead, nk, d))
+        v = rng.standard_normal((*kv_lead, nk, dv))
+        scores_shape = (*lead, n_q, nk)
+        options: dict[str, Any] = {}
+        if flags.get("mask"):
+            mask = rng.random(scores_shape) > 0.35
+            if flags["mask"] == "fully_masked_row":
+                mask[(..., 1, slice(None))] = False
+            options["mask"] = mask
+        if flags.get("bias"):
+            options["bias"] = rng.standard_normal((n_q, nk))
+        if flags.get("causal"):
+            options["is_causal"] = True
+            options["causal_alignment"] = flags["causal"]
+        if flags.get("dropout"):
+            options["dropout_mask"] = rng.random(scores_shape) > 0.25
+            options["dropout_p"] = 0.25
+        if flags.get("scale"):
+            options["scale"] = flags["scale"]
+        if flags.get("weights"):
+            options["return_weights"] = True
+        if flags.get("lse"):
+            options["return_lse"] = True
+        return (q, k, v), options
+
+    return make
+
+
+def _reference_attention(ops: dict[str, Any], primals, options):
+    """Attention as explicit math, written once over a framework's ops.
+
+    ``ops`` maps: ``asarray``, ``where``, ``softmax``, ``logsumexp``, ``any_last``,
+    ``repeat_heads``, ``transpose_last``, ``expand_last`` (add a trailing axis) for torch or JAX.
+    """
+    q, k, v = primals
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    h_q = q.shape[-3] if q.ndim >= 3 else 1
+    if q.ndim >= 3 and k.shape[-3] != h_q:
+        k = ops["repeat_heads"](k, h_q // k.shape[-3])
+        v = ops["repeat_heads"](v, h_q // v.shape[-3])
+    scale = options.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+    s = (q @ ops["transpose_last"](k)) * scale
+    if options.get("bias") is not None:
+        s = s + options["bias"]
+    keep = options.get("mask")
+    if options.get("is_causal"):
+        align = options.get("causal_alignment", "upper_left")
+        causal = ops["asarray"](causal_mask(n_q, n_k, align))
+        keep = causal if keep is None else keep & causal
+    any_kept = None
+    if keep is not None:
+        s = ops["where"](keep, s, -_BIG)
+        any_kept = ops["any_last"](keep)
+    p = ops["softmax"](s)
+    if keep is not None:
+        p = p * keep * ops["expand_last"](any_kept)
+    pd = p
+    if options.get("dropout_mask") is not None:
+        pd = p * options["dropout_mask"] / (1.0 - options["dropout_p"])
+    extras = []
+    if options.get("return_weights"):
+        extras.append(p)
+    if options.get("return_lse"):
+        lse = ops["logsumexp"](s)
+        if any_kept is not None:
+            lse = ops["where"](any_kept, lse, -math.inf)
+        extras.append(lse)
+    out = pd @ v
+    return (out, *extras) if extras else out
+
+
+def _torch_sdpa(torch, primals, options):
+    ops = {
+        "asarray": torch.as_tensor,
+        "where": lambda c, a, b: torch.where(c, a, torch.as_tensor(b, dtype=a.dtype)),
+        "softmax": lambda s: torch.softmax(s, -1),
+        "logsumexp": lambda s: torch.logsumexp(s, -1),
+        "any_last": lambda m: m.any(-1),
+        "repeat_heads": lambda x, g: x.repeat_interleave(g, dim=-3),
+        "transpose_last": lambda x: x.transpose(-2, -1),
+        "expand_last": lambda x: x[..., None],
+    }
+    return _reference_attention(ops, primals, options)
+
+
+def _jax_sdpa(jnp, primals, options):
+    import jax
+
+    ops = {
+        "asarray": jnp.asarray,
+        "where": jnp.where,
+        "softmax": lambda s: jax.nn.softmax(s, -1),
+        "logsumexp": lambda s: jax.nn.logsumexp(s, -1),
+        "any_last": lambda m: m.any(-1),
+        "repeat_heads": lambda x, g: jnp.repeat(x, g, axis=-3),
+        "transpose_last": lambda x: jnp.swapaxes(x, -1, -2),
+        "expand_last": lambda x: x[..., None],
+    }
+    return _reference_attention(ops, primals, options)
+
+
+_SDPA_CASES = {
+    "2d": _sdpa_make((5, 3)),
+    "mha": _sdpa_make((2, 2, 4, 3)),
+    "cross_nq_ne_nk_dv": _sdpa_make((2, 3, 3), n_k=5, d_v=2),
+    "gqa": _sdpa_make((1, 4, 3, 2), kv_heads=2),
+    "mqa": _sdpa_make((1, 3, 3, 2), kv_heads=1),
+    "bool_mask": _sdpa_make((2, 2, 4, 3), mask="some"),
+    "fully_masked_row": _sdpa_make((2, 2, 4, 3), mask="fully_masked_row", lse=True),
+    "bias": _sdpa_make((2, 4, 3), bias=True),
+    "causal_upper_left": _sdpa_make((2, 3, 2), n_k=5, causal="upper_left"),
+    "causal_lower_right": _sdpa_make((2, 3, 2), n_k=5, causal="lower_right"),
+    "causal_lower_right_nq_gt_nk": _sdpa_make((2, 5, 2), n_k=3, causal="lower_right", lse=True),
+    "dropout": _sdpa_make((2, 4, 3), dropout=True),
+    "scale": _sdpa_make((2, 4, 3), scale=0.7),
+    "weights_and_lse": _sdpa_make((2, 2, 3, 3), mask="some", weights=True, lse=True),
+}
+
+for _name, _make in _SDPA_CASES.items():
+    register_case(
+        Case(
+            scaled_dot_product_attention,
+            _name,
+            _make,
+            torch_ref=_torch_sdpa,
+            jax_ref=_jax_sdpa,
+            tags=("core",),
+        )
+    )

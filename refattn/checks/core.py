@@ -76,6 +76,8 @@ def _jax_softmax(log: bool):
     return ref
 
 
+_CASES_FOR_TESTS: list[Case] = []
+
 for _op, _log in ((softmax, False), (log_softmax, True)):
     for _name, _make in (
         ("plain", _softmax_make((3, 5))),
@@ -84,14 +86,16 @@ for _op, _log in ((softmax, False), (log_softmax, True)):
         ("fully_masked_row", _softmax_make((3, 5), masked="full_row")),
         ("large_logits", _softmax_make((3, 5), scale_logits=1e4)),
     ):
-        register_case(
-            Case(
-                _op,
-                _name,
-                _make,
-                torch_ref=_torch_softmax(_log),
-                jax_ref=_jax_softmax(_log),
-                tags=("core",),
+        _CASES_FOR_TESTS.append(
+            register_case(
+                Case(
+                    _op,
+                    _name,
+                    _make,
+                    torch_ref=_torch_softmax(_log),
+                    jax_ref=_jax_softmax(_log),
+                    tags=("core",),
+                )
             )
         )
 

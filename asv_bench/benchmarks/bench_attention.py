@@ -1,0 +1,87 @@
+"""Core ops: softmax and scaled dot-product attention, refattn against torch's CPU SDPA.
+
+Both implementations run in the same suite, so ``asv compare``-free ratios come from one run:
+``time_*[refattn] / time_*[torch]`` at equal shape and dtype.
+"""
+
+from __future__ import annotations
+
+from .common import randn, torch_or_skip
+
+SHAPES = [(8, 512, 64), (2, 4096, 64), (1, 8192, 64)]
+
+
+class Softmax:
+    params = (["refattn", "torch"], ["float32", "float64"])
+    param_names = ["implementation", "dtype"]
+    number = 1
+    repeat = (3, 10, 20.0)
+
+    def setup(self, implementation, dtype):
+        x = randn((8, 512, 512), dtype)
+        if implementation == "refattn":
+            import refattn
+
+            self.run = lambda: refattn.softmax(x)
+        else:
+            torch = torch_or_skip()
+            t = torch.from_numpy(x)
+            self.run = lambda: torch.softmax(t, -1)
+        self.run()
+
+    def time_softmax(self, implementation, dtype):
+        self.run()
+
+
+class ScaledDotProductAttention:
+    """(batch*heads, n, d) self-attention, forward and forward+backward."""
+
+    params = (["refattn", "torch"], ["float32", "float64"], [str(s) for s in SHAPES])
+    param_names = ["implementation", "dtype", "shape"]
+    number = 1
+    repeat = (3, 7, 30.0)
+    timeout = 300
+
+    def setup(self, implementation, dtype, shape):
+        shape = tuple(int(x) for x in shape.strip("()").split(","))
+        q, k, v, do = (randn(shape, dtype, offset=i) for i in range(4))
+        if implementation == "refattn":
+            import refattn
+
+            sdpa = refattn.scaled_dot_product_attention
+
+            def forward():
+                return sdpa(q, k, v)
+
+            def forward_backward():
+                _, pullback = refattn.vjp(sdpa, q, k, v)
+                return pullback(do)
+
+        else:
+            torch = torch_or_skip()
+            tq, tk, tv = (torch.from_numpy(a).requires_grad_(True) for a in (q, k, v))
+            tdo = torch.from_numpy(do)
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+
+            def forward():
+                with torch.no_grad():
+                    return sdpa(tq, tk, tv)
+
+            def forward_backward():
+                for t in (tq, tk, tv):
+                    t.grad = None
+                sdpa(tq, tk, tv).backward(tdo)
+
+        self.forward, self.forward_backward = forward, forward_backward
+
+    def time_forward(self, implementation, dtype, shape):
+        self.forward()
+
+    def time_forward_backward(self, implementation, dtype, shape):
+        self.forward_backward()
+
+    def peakmem_forward(self, implementation, dtype, shape):
+        self.forward()
+
+    def peakmem_forward_backward(self, implementation, dtype, shape):
+        self.forward_backward()

@@ -443,21 +443,43 @@ def backward_blocks(
     *,
     want_ds: bool = False,
 ) -> tuple[Array, Array, Array, Array | None]:
-    """The whole backward from the forward's blocks: ``(dQ, dK, dV, dS or None)``, canonical."""
+    """The whole backward from the forward's blocks: ``(dQ, dK, dV, dS or None)``, canonical.
+
+    Each worker takes a contiguous run of blocks and accumulates its own dK and dV, so only one
+    partial sum per worker is added at the end.
+    """
     xp = pb.xp
-    parts = parallel_map(
-        xp, lambda blk: _backward_block(pb, blk, o, d_o, d_p, d_lse, want_ds), blocks
-    )
-    if not parts:
+    if not blocks:
         return xp.zeros_like(pb.q), xp.zeros_like(pb.k), xp.zeros_like(pb.v), None
-    d_q = parts[0][0] if len(parts) == 1 else xp.concat([part[0] for part in parts], axis=3)
+    n_workers = min(len(blocks), n_threads()) if _is_threaded(xp) else 1
+    per = math.ceil(len(blocks) / n_workers)
+    runs = [blocks[i : i + per] for i in range(0, len(blocks), per)]
+
+    def work(run: list[Block]) -> tuple[list[Array], Array, Array, list[Array]]:
+        d_qs, d_ss = [], []
+        d_k = d_v = None
+        for blk in run:
+            d_q_b, d_k_b, d_v_b, d_s_b = _backward_block(pb, blk, o, d_o, d_p, d_lse, want_ds)
+            d_qs.append(d_q_b)
+            d_ss.append(d_s_b)
+            if d_k is None:
+                d_k, d_v = d_k_b, d_v_b
+            else:
+                d_k += d_k_b
+                d_v += d_v_b
+        return d_qs, d_k, d_v, d_ss
+
+    parts = parallel_map(xp, work, runs)
+    d_qs = [d for part in parts for d in part[0]]
+    d_q = d_qs[0] if len(d_qs) == 1 else xp.concat(d_qs, axis=3)
     d_k, d_v = parts[0][1], parts[0][2]
     for part in parts[1:]:
         d_k = d_k + part[1]
         d_v = d_v + part[2]
     d_s = None
     if want_ds:
-        d_s = parts[0][3] if len(parts) == 1 else xp.concat([part[3] for part in parts], axis=3)
+        d_ss = [d for part in parts for d in part[3]]
+        d_s = d_ss[0] if len(d_ss) == 1 else xp.concat(d_ss, axis=3)
     return d_q, d_k, d_v, d_s
 
 

@@ -163,7 +163,7 @@ def test_rows_sum_to_one_and_row_shift_invariance(seed, shift):
 def test_vjp_of_constant_weights_cotangent_is_zero():
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((2, 4, 3)) for _ in range(3))
-    (out, w), pull = refattn.vjp(sdpa, q, k, v, return_weights=True)
+    (_, w), pull = refattn.vjp(sdpa, q, k, v, return_weights=True)
     dq, dk, dv = pull((None, np.full(w.shape, 2.5)))
     for g in (dq, dk, dv):
         np.testing.assert_allclose(g, 0.0, atol=1e-13)

@@ -130,7 +130,7 @@ def test_driver_rejects_wrong_number_or_shape_of_gradients():
 
 
 def test_gradcheck_input_validation():
-    with pytest.raises(TypeError, match="must be a refattn.Op"):
+    with pytest.raises(TypeError, match=r"must be a refattn\.Op"):
         refattn.gradcheck(lambda x: x, np.ones(2))
     with pytest.raises(TypeError, match="real floating"):
         refattn.gradcheck(refattn.softmax, np.arange(3))

@@ -193,6 +193,13 @@ def _check_grads(op: Op, primals: tuple[Any, ...], grads: Any) -> tuple[Any, ...
                 f"refattn.vjp({op.name}): gradient {i} does not have its primal's structure"
             )
         for (path, pl), gl in zip(_tree.leaves_with_paths(p), _tree.leaves(g), strict=True):
+            if pl is None or gl is None:  # an absent optional primal has no gradient
+                if pl is not gl:
+                    raise RuntimeError(
+                        f"refattn.vjp({op.name}): gradient {i}{'.' + path if path else ''} must "
+                        "be None exactly where its primal is None"
+                    )
+                continue
             if tuple(pl.shape) != tuple(gl.shape):
                 raise RuntimeError(
                     f"refattn.vjp({op.name}): gradient {i}{'.' + path if path else ''} has "

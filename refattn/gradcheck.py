@@ -137,6 +137,8 @@ def gradcheck(
 
 def _to_float64(op: Op, i: int, primal: Any) -> Any:
     def convert(leaf: Any) -> Any:
+        if leaf is None:  # an absent optional primal
+            return None
         xp = namespace(leaf)
         if not xp.isdtype(leaf.dtype, "real floating"):
             raise TypeError(
@@ -154,7 +156,13 @@ def _input_names(op: Op, primals: tuple[Any, ...]) -> list[list[str]]:
     names = []
     for i, p in enumerate(primals):
         base = declared[i] if i < len(declared) else f"primal {i}"
-        names.append([f"{base}.{path}" if path else base for path, _ in _tree.leaves_with_paths(p)])
+        names.append(
+            [
+                f"{base}.{path}" if path else base
+                for path, leaf in _tree.leaves_with_paths(p)
+                if leaf is not None
+            ]
+        )
     return names
 
 
@@ -245,12 +253,17 @@ def _output_names(out_leaves: list[Any]) -> list[str]:
 
 
 def _all_leaves(grads: tuple[Any, ...]) -> list[Any]:
-    return [leaf for g in grads for leaf in _tree.leaves(g)]
+    return [leaf for g in grads for leaf in _tree.leaves(g) if leaf is not None]
 
 
 def _input_leaves(primals: tuple[Any, ...]) -> list[tuple[int, int, Any]]:
     """``(primal position, leaf position, leaf)`` for every leaf of every primal."""
-    return [(p, j, leaf) for p, pr in enumerate(primals) for j, leaf in enumerate(_tree.leaves(pr))]
+    return [
+        (p, j, leaf)
+        for p, pr in enumerate(primals)
+        for j, leaf in enumerate(_tree.leaves(pr))
+        if leaf is not None
+    ]
 
 
 def _check_full(

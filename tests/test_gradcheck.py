@@ -139,3 +139,26 @@ def test_gradcheck_input_validation():
 def test_float32_primals_are_checked_in_float64():
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     assert refattn.gradcheck(refattn.softmax, x)
+
+
+def test_optional_primal_given_as_none():
+    def fwd(x, scale_by=None, /):
+        y = x * x if scale_by is None else x * x * scale_by
+        return y, (x, scale_by)
+
+    def bwd(res, dy, /):
+        x, scale_by = res
+        if scale_by is None:
+            return 2.0 * x * dy, None
+        return 2.0 * x * scale_by * dy, x * x * dy
+
+    op = refattn.Op(fwd, bwd, name="optional")
+    x = np.linspace(-1.0, 1.0, 4)
+    assert refattn.gradcheck(op, x, None)
+    assert refattn.gradcheck(op, x, np.full(4, 3.0))
+    _, pull = refattn.vjp(op, x, None)
+    assert pull(np.ones(4))[1] is None
+    liar = refattn.Op(fwd, lambda res, dy: (dy, dy), name="liar")
+    _, pull = refattn.vjp(liar, x, None)
+    with pytest.raises(RuntimeError, match="None exactly where its primal is None"):
+        pull(np.ones(4))

@@ -1,0 +1,541 @@
+r"""Multi-head attention (MHA, MQA, GQA, cross-attention) with hand-derived parameter gradients.
+
+.. math::
+
+    Q = x_q W_q + b_q,\quad K = x_k W_k + b_k,\quad V = x_v W_v + b_v,\\
+    O_h = \mathrm{SDPA}(Q_h, K_{h // g}, V_{h // g}),\qquad
+    y = [O_1, \dots, O_H]\, W_o + b_o,
+
+with ``H`` query heads of size ``head_dim = d_model / H`` and ``H_kv`` key/value heads
+(``g = H / H_kv`` query heads share one; ``H_kv = 1`` is multi-query attention). The attention
+core is the op :func:`refattn.scaled_dot_product_attention` (its ``forward`` and ``backward``);
+the projections are the affine maps of :mod:`refattn.layers.basic`.
+The backward runs the same pieces backwards, in reverse order, by hand.
+
+Parameters are ``{"query", "key", "value", "out"}``, each an affine map
+``{"weight": (d_in, d_out), "bias": (d_out,)}``:
+
+=========  ========================  ===========================
+key        weight                    meaning
+=========  ========================  ===========================
+query      (d_model, d_model)        columns ``h*hd:(h+1)*hd`` are head ``h``
+key        (d_k, H_kv * head_dim)    ``d_k`` = key's feature size
+value      (d_v, H_kv * head_dim)    ``d_v`` = value's feature size
+out        (d_model, d_model)        rows ``h*hd:(h+1)*hd`` read head ``h``
+=========  ========================  ===========================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from .._backend import default_namespace, namespace
+from .._op import Op
+from ..ops.attention import scaled_dot_product_attention as _sdpa
+from ..ops.masks import check_alignment
+from ..ops.softmax import check_broadcast, check_mask
+from .basic import (
+    _leaves,
+    affine_backward,
+    affine_forward,
+    check_affine,
+    check_input,
+    check_size,
+    dropout_scale,
+    get_subtree,
+    join_path,
+    linear_params,
+    resolve_dtype,
+    uniform,
+)
+
+__all__ = ["init_multi_head_attention", "multi_head_attention"]
+
+Array = Any
+Params = dict[str, Any]
+_OP = "multi_head_attention"
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_heads(op: str, d_model: int, n_heads: Any, n_kv_heads: Any) -> tuple[int, int, int]:
+    """``(n_heads, n_kv_heads, head_dim)`` after checking divisibility; ValueError otherwise."""
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"refattn.{op}: n_heads must be a positive int, got {n_heads!r}")
+    if n_kv_heads is None:
+        n_kv_heads = n_heads
+    if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads < 1:
+        raise ValueError(f"refattn.{op}: n_kv_heads must be a positive int, got {n_kv_heads!r}")
+    if d_model % n_heads:
+        raise ValueError(
+            f"refattn.{op}: d_model ({d_model}) must be divisible by n_heads ({n_heads})"
+        )
+    if n_heads % n_kv_heads:
+        raise ValueError(
+            f"refattn.{op}: n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads}) "
+            "(each key/value head serves n_heads // n_kv_heads query heads)"
+        )
+    return n_heads, n_kv_heads, d_model // n_heads
+
+
+def check_mha_params(
+    op: str,
+    xp: ModuleType,
+    params: Any,
+    prefix: str,
+    *,
+    d_model: int,
+    d_k: int,
+    d_v: int,
+    n_heads: int,
+    n_kv_heads: int | None,
+    dtype: Any,
+) -> tuple[int, int, int]:
+    """Validate an MHA parameter tree; return ``(n_heads, n_kv_heads, head_dim)``.
+
+    ``prefix`` is the tree's key path for messages (``"self_attn"``, or ``""`` at the root).
+    """
+    n_heads, n_kv_heads, head_dim = check_heads(op, d_model, n_heads, n_kv_heads)
+    kv_width = n_kv_heads * head_dim
+    for key, d_in, d_out in (
+        ("query", d_model, d_model),
+        ("key", d_k, kv_width),
+        ("value", d_v, kv_width),
+        ("out", d_model, d_model),
+    ):
+        sub = get_subtree(op, params, key, prefix)
+        check_affine(op, xp, sub, join_path(prefix, key), d_in=d_in, d_out=d_out, dtype=dtype)
+    extra = sorted(set(params) - {"query", "key", "value", "out"})
+    if extra:
+        raise ValueError(
+            f"refattn.{op}: unexpected parameter(s) {[join_path(prefix, k) for k in extra]} "
+            "(multi-head attention has 'query', 'key', 'value' and 'out')"
+        )
+    return n_heads, n_kv_heads, head_dim
+
+
+def check_mha_inputs(
+    op: str, xp: ModuleType, query: Array, key: Array, value: Array, names: tuple[str, str, str]
+) -> None:
+    """Floating inputs of one dtype with ``(..., n, d)`` shapes and equal leading axes."""
+    for name, x in zip(names, (query, key, value), strict=True):
+        check_input(op, xp, name, x, min_ndim=2)
+    if query.dtype != key.dtype or query.dtype != value.dtype:
+        raise TypeError(
+            f"refattn.{op}: {names[0]}, {names[1]} and {names[2]} must share one dtype, got "
+            f"{query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    lead = tuple(query.shape[:-2])
+    if tuple(key.shape[:-2]) != lead or tuple(value.shape[:-2]) != lead:
+        raise ValueError(
+            f"refattn.{op}: {names[0]}, {names[1]} and {names[2]} must share their leading "
+            f"(batch) axes, got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"refattn.{op}: {names[1]} and {names[2]} must have the same number of positions "
+            f"(axis -2), got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+
+
+def check_attention_options(
+    op: str,
+    xp: ModuleType,
+    scores_shape: tuple[int, ...],
+    *,
+    mask: Array | None,
+    bias: Array | None,
+    is_causal: Any,
+    causal_alignment: Any,
+    dropout_mask: Array | None,
+    dropout_p: Any,
+    dtype: Any,
+    mask_name: str = "mask",
+) -> None:
+    """Check masks, bias and dropout against ``(..., H, n_q, n_k)`` before any work is done."""
+    label = f"{op}: "
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"refattn.{op}: is_causal must be a bool, got {is_causal!r}")
+    check_alignment(causal_alignment)
+    if mask is not None:
+        check_mask(xp, f"{label}{mask_name}", mask, scores_shape)
+    if bias is not None:
+        check_broadcast(f"{label}bias", bias, scores_shape)
+        if bias.dtype != dtype:
+            raise TypeError(f"refattn.{label}bias must have the inputs' dtype {dtype}")
+    dropout_scale(op, dropout_p)
+    if dropout_mask is not None:
+        check_broadcast(f"{label}dropout_mask", dropout_mask, scores_shape)
+    elif float(dropout_p) > 0.0:
+        raise ValueError(
+            f"refattn.{op}: dropout_p={dropout_p} needs an explicit dropout_mask (True/1 = keep); "
+            "refattn ops draw no random numbers"
+        )
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@dataclass
+class MHASaved:
+    """What the MHA backward needs (residuals of :func:`mha_forward`)."""
+
+    xp: Any
+    params: Params
+    query: Array
+    key: Array
+    value: Array
+    sdpa_saved: Any  # residuals of the attention core (refattn.scaled_dot_product_attention)
+    sdpa_options: dict[str, Any]
+    o_merged: Array  # (..., n_q, d_model) heads concatenated: the out projection's input
+    lead: tuple[int, ...]
+    n_heads: int
+    head_dim: int
+
+
+def split_heads(xp: ModuleType, x: Array, n_heads: int, head_dim: int) -> Array:
+    """``(*lead, n, n_heads * hd) -> (*lead, n_heads, n, hd)`` (a strided view on NumPy)."""
+    lead = tuple(x.shape[:-2])
+    n = int(x.shape[-2])
+    x = xp.reshape(x, (*lead, n, n_heads, head_dim))
+    nl = len(lead)
+    return xp.permute_dims(x, (*range(nl), nl + 1, nl, nl + 2))
+
+
+def merge_heads(xp: ModuleType, x: Array, lead: tuple[int, ...]) -> Array:
+    """``(*lead, heads, n, hd) -> (*lead, n, heads * hd)`` (one copy)."""
+    heads, n, hd = (int(s) for s in x.shape[-3:])
+    b = math.prod(lead)
+    x = xp.permute_dims(xp.reshape(x, (b, heads, n, hd)), (0, 2, 1, 3))
+    return xp.reshape(x, (*lead, n, heads * hd))
+
+
+def project_kv(
+    xp: ModuleType, params: Params, key: Array, value: Array, n_kv_heads: int, head_dim: int
+) -> tuple[Array, Array]:
+    """Key and value projections split into heads: ``(*lead, H_kv, n_k, hd)`` each."""
+    k = split_heads(xp, affine_forward(xp, params["key"], key), n_kv_heads, head_dim)
+    v = split_heads(xp, affine_forward(xp, params["value"], value), n_kv_heads, head_dim)
+    return k, v
+
+
+def mha_forward(
+    xp: ModuleType,
+    params: Params,
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    causal_alignment: str = "upper_left",
+    dropout_mask: Array | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    projected_kv: tuple[Array, Array] | None = None,
+) -> tuple[Array, Array | None, MHASaved]:
+    """``(y, weights or None, saved)``, no parameter validation.
+
+    ``weights`` is ``(..., H, n_q, n_k)`` when ``need_weights``. ``projected_kv`` (used by the
+    KV cache) supplies already projected heads ``(*lead, H_kv, n_k, hd)`` instead of projecting
+    ``key`` and ``value``; the result is then not differentiable through them.
+    """
+    lead = tuple(query.shape[:-2])
+    qh = split_heads(xp, affine_forward(xp, params["query"], query), n_heads, head_dim)
+    if projected_kv is None:
+        kh, vh = project_kv(xp, params, key, value, n_kv_heads, head_dim)
+    else:
+        kh, vh = projected_kv
+    options = {
+        "mask": mask,
+        "bias": bias,
+        "is_causal": is_causal,
+        "causal_alignment": causal_alignment,
+        "dropout_mask": dropout_mask,
+        "dropout_p": dropout_p,
+        "return_weights": need_weights,
+    }
+    result, sdpa_saved = _sdpa.forward(qh, kh, vh, **options)
+    o, weights = result if need_weights else (result, None)
+    o_merged = merge_heads(xp, o, lead)  # (*lead, H, n_q, hd) -> (*lead, n_q, H * hd)
+    y = affine_forward(xp, params["out"], o_merged)
+    saved = MHASaved(
+        xp=xp,
+        params=params,
+        query=query,
+        key=key,
+        value=value,
+        sdpa_saved=sdpa_saved,
+        sdpa_options=options,
+        o_merged=o_merged,
+        lead=lead,
+        n_heads=n_heads,
+        head_dim=head_dim,
+    )
+    return y, weights, saved
+
+
+def mha_backward(
+    saved: MHASaved, dy: Array | None, d_weights: Array | None = None
+) -> tuple[Params, Array, Array, Array]:
+    """``(dparams, dquery, dkey, dvalue)`` of :func:`mha_forward` (see :func:`_mha_bwd`)."""
+    xp, params = saved.xp, saved.params
+    if dy is None:
+        dy = xp.zeros_like(saved.o_merged)
+    # out projection: y = O W_o + b_o
+    g_out, d_om = affine_backward(xp, params["out"], saved.o_merged, dy)
+    # un-merge the heads: (*lead, n_q, H * hd) -> (*lead, H, n_q, hd), a strided view
+    d_o = split_heads(xp, d_om, saved.n_heads, saved.head_dim)
+    cotangent = (d_o, d_weights) if saved.sdpa_options["return_weights"] else d_o
+    d_q, d_k, d_v = _sdpa.backward(saved.sdpa_saved, cotangent, **saved.sdpa_options)
+    # projections Q = x_q W_q + b_q etc.: merge the heads' gradients back into columns
+    g_q, dquery = affine_backward(
+        xp, params["query"], saved.query, merge_heads(xp, d_q, saved.lead)
+    )
+    g_k, dkey = affine_backward(xp, params["key"], saved.key, merge_heads(xp, d_k, saved.lead))
+    g_v, dvalue = affine_backward(
+        xp, params["value"], saved.value, merge_heads(xp, d_v, saved.lead)
+    )
+    return {"query": g_q, "key": g_k, "value": g_v, "out": g_out}, dquery, dkey, dvalue
+
+
+# ----------------------------------------------------------------------------- the op
+
+
+def _mha_fwd(
+    params: Params,
+    query: Array,
+    key: Array,
+    value: Array,
+    /,
+    *,
+    n_heads: int,
+    n_kv_heads: int | None = None,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    causal_alignment: str = "upper_left",
+    dropout_mask: Array | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+) -> tuple[Any, Any]:
+    r"""Multi-head attention with affine projections (torch's ``nn.MultiheadAttention``).
+
+    .. math::
+
+        y = \mathrm{concat}_h\Bigl(\mathrm{SDPA}\bigl(x_q W_q^{(h)} + b_q^{(h)},\;
+        x_k W_k^{(h//g)} + b_k^{(h//g)},\; x_v W_v^{(h//g)} + b_v^{(h//g)}\bigr)\Bigr) W_o + b_o,
+
+    with scale ``1/sqrt(head_dim)``.
+
+    Parameters
+    ----------
+    params : {"query", "key", "value", "out"}, each ``{"weight": (d_in, d_out), "bias"}``
+        Shapes in the module docstring; ``bias`` entries are optional.
+    query : (..., n_q, d_model)
+    key : (..., n_k, d_k)
+    value : (..., n_k, d_v)
+        ``d_k`` and ``d_v`` may differ from ``d_model`` (cross-attention; torch's kdim/vdim).
+        The leading axes ``...`` must be equal. **Self-attention** passes the same array three
+        times; its gradient is then ``dquery + dkey + dvalue`` (the vjp returns the three
+        separately, and the caller sums them).
+    n_heads : int
+        Query heads; ``d_model`` must be divisible by it.
+    n_kv_heads : int, optional
+        Key/value heads (default ``n_heads``); ``1`` is MQA, other divisors GQA. Query head
+        ``h`` uses key/value head ``h // (n_heads // n_kv_heads)``.
+    mask : bool, broadcastable to (..., n_heads, n_q, n_k), optional
+        True = attend (convert torch's masks with ``refattn.from_torch_mha_masks``). A key
+        padding mask ``(B, n_k)`` is ``mask[:, None, None, :]``.
+    bias : float, broadcastable to (..., n_heads, n_q, n_k), optional
+        Added to the scaled scores (torch's float ``attn_mask``).
+    is_causal : bool
+        Mask keys after the query (``causal_alignment`` as in
+        :func:`refattn.scaled_dot_product_attention`, default "upper_left" like torch).
+    dropout_mask : bool or float, broadcastable to (..., n_heads, n_q, n_k), optional
+        Dropout on the attention weights, True/1 = keep, scaled by ``1/(1-dropout_p)``.
+    dropout_p : float in [0, 1)
+    return_weights : bool
+        Also return the per-head weights ``(..., n_heads, n_q, n_k)`` (before dropout; torch's
+        ``average_attn_weights=False``).
+
+    Returns
+    -------
+    y : (..., n_q, d_model), or ``(y, weights)``.
+    """
+    xp = namespace(query, key, value, mask, bias, dropout_mask, *_leaves(params))
+    check_mha_inputs(_OP, xp, query, key, value, ("query", "key", "value"))
+    d_model = int(query.shape[-1])
+    n_heads, n_kv_heads, head_dim = check_mha_params(
+        _OP,
+        xp,
+        params,
+        "",
+        d_model=d_model,
+        d_k=int(key.shape[-1]),
+        d_v=int(value.shape[-1]),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        dtype=query.dtype,
+    )
+    scores_shape = (*query.shape[:-2], n_heads, int(query.shape[-2]), int(key.shape[-2]))
+    check_attention_options(
+        _OP,
+        xp,
+        scores_shape,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        causal_alignment=causal_alignment,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+        dtype=query.dtype,
+    )
+    y, weights, saved = mha_forward(
+        xp,
+        params,
+        query,
+        key,
+        value,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        causal_alignment=causal_alignment,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+        need_weights=return_weights,
+    )
+    return ((y, weights) if return_weights else y), saved
+
+
+def _mha_bwd(
+    saved: MHASaved, cotangent: Any, /, *, return_weights: bool = False, **_: Any
+) -> tuple[Params, Array, Array, Array]:
+    r"""VJP of multi-head attention: the forward's pieces in reverse.
+
+    With :math:`O` the heads concatenated, ``(B n_q, d_model)``:
+
+    .. math::
+
+        dW_o = O^\top dy,\quad db_o = \textstyle\sum dy,\quad dO = dy\,W_o^\top,
+
+    then ``dO`` is split back into heads and the attention core's backward
+    (:func:`refattn.scaled_dot_product_attention`'s backward, derivation there) gives
+    ``dQ, dK, dV`` per head (with GQA, ``dK, dV`` sum the ``g`` query heads sharing a kv head);
+    the heads are merged back to ``(..., n, H*hd)`` columns and each projection's affine VJP
+    gives
+
+    .. math::
+
+        dW_q = x_q^\top dQ,\quad db_q = \textstyle\sum dQ,\quad dx_q = dQ\,W_q^\top
+
+    and likewise for keys and values. A cotangent for the returned weights adds
+    :math:`P \circ (dP - \mathrm{rowsum}(P \circ dP))` to the scores' gradient.
+    """
+    if return_weights:
+        dy, d_weights = cotangent
+    else:
+        dy, d_weights = cotangent, None
+    return mha_backward(saved, dy, d_weights)
+
+
+multi_head_attention = Op(_mha_fwd, _mha_bwd, name="multi_head_attention", register=True)
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def mha_params(
+    xp: ModuleType,
+    rng: Any,
+    d_model: int,
+    n_heads: int,
+    n_kv_heads: int | None,
+    kdim: int,
+    vdim: int,
+    bias: bool,
+    dtype: Any,
+) -> Params:
+    """MHA parameters with ``nn.MultiheadAttention``'s init (:func:`init_multi_head_attention`)."""
+    _, n_kv, head_dim = check_heads("init_multi_head_attention", d_model, n_heads, n_kv_heads)
+    kv_width = n_kv * head_dim
+    if kdim == d_model and vdim == d_model:
+        # packed in_proj_weight: xavier_uniform over the whole (d_model + 2 kv_width, d_model)
+        total = d_model + 2 * kv_width
+        packed = uniform(xp, rng, (d_model, total), math.sqrt(6.0 / (d_model + total)), dtype)
+        weights = [
+            packed[:, :d_model],
+            packed[:, d_model : d_model + kv_width],
+            packed[:, d_model + kv_width :],
+        ]
+    else:
+        weights = [
+            uniform(xp, rng, (d_in, d_out), math.sqrt(6.0 / (d_in + d_out)), dtype)
+            for d_in, d_out in ((d_model, d_model), (kdim, kv_width), (vdim, kv_width))
+        ]
+    out = linear_params(xp, rng, d_model, d_model, bias, dtype)
+    params: Params = {}
+    for key, w in zip(("query", "key", "value"), weights, strict=True):
+        params[key] = {"weight": xp.asarray(w, copy=True)}
+        if bias:
+            params[key]["bias"] = xp.zeros((w.shape[1],), dtype=dtype)
+    if bias:
+        out["bias"] = xp.zeros((d_model,), dtype=dtype)
+    params["out"] = out
+    return params
+
+
+def init_multi_head_attention(
+    d_model: int,
+    n_heads: int,
+    *,
+    n_kv_heads: int | None = None,
+    kdim: int | None = None,
+    vdim: int | None = None,
+    bias: bool = True,
+    seed: int = 0,
+    xp: ModuleType | None = None,
+    dtype: Any = "float64",
+) -> Params:
+    r"""MHA parameters initialised with ``nn.MultiheadAttention``'s scheme.
+
+    * Query/key/value weights: ``xavier_uniform_``. When ``kdim == vdim == d_model`` torch
+      initialises the *packed* ``in_proj_weight`` as one matrix, so the bound is
+      :math:`\sqrt{6 / (d_{model} + d_{model} + 2 H_{kv} h_d)}` (``sqrt(6 / (4 d_model))`` for
+      plain MHA); otherwise each projection gets its own bound
+      :math:`\sqrt{6/(d_{in} + d_{out})}`.
+    * Out weight: ``nn.Linear``'s :math:`U(\pm 1/\sqrt{d_{model}})`.
+    * All biases: zeros.
+
+    Values are drawn on the host with ``numpy.random.default_rng(seed)`` and moved to ``xp``
+    (NumPy by default) in ``dtype``.
+    """
+    import numpy as np  # host RNG for initial values only
+
+    fn = "init_multi_head_attention"
+    check_size(fn, "d_model", d_model)
+    kdim = d_model if kdim is None else check_size(fn, "kdim", kdim)
+    vdim = d_model if vdim is None else check_size(fn, "vdim", vdim)
+    xp = default_namespace() if xp is None else xp
+    return mha_params(
+        xp,
+        np.random.default_rng(seed),
+        d_model,
+        n_heads,
+        n_kv_heads,
+        kdim,
+        vdim,
+        bias,
+        resolve_dtype(xp, dtype),
+    )

@@ -80,6 +80,7 @@ def gradcheck(
     rtol: float = 1e-6,
     fast: bool = False,
     seed: int = 0,
+    op_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> bool:
     """Check ``op``'s backward against central finite differences in float64.
@@ -98,6 +99,9 @@ def gradcheck(
         Check random projections ``<u, J v>`` per input instead of the full Jacobian.
     seed : int
         Seed of the random directions (fast mode) and nothing else.
+    op_options : dict, optional
+        Options for the op whose names clash with gradcheck's own (``eps``, ``atol``, ...),
+        e.g. ``gradcheck(refattn.layer_norm, params, x, op_options={"eps": 1e-3})``.
     **options
         Keyword options passed to the op (masks, flags).
 
@@ -117,6 +121,7 @@ def gradcheck(
         raise TypeError(f"refattn.gradcheck: op must be a refattn.Op, got {type(op).__name__}")
     if not primals:
         raise ValueError(f"refattn.gradcheck({op.name}): no primal inputs were given")
+    options = {**options, **(op_options or {})}
     primals64 = tuple(_to_float64(op, i, p) for i, p in enumerate(primals))
     names = _input_names(op, primals64)
     out, pullback = vjp(op, *primals64, **options)

@@ -162,3 +162,13 @@ def test_optional_primal_given_as_none():
     _, pull = refattn.vjp(liar, x, None)
     with pytest.raises(RuntimeError, match="None exactly where its primal is None"):
         pull(np.ones(4))
+
+
+def test_op_options_that_clash_with_gradcheck_keywords():
+    rng = np.random.default_rng(3)
+    params = {"weight": rng.standard_normal(4), "bias": rng.standard_normal(4)}
+    x = rng.standard_normal((2, 4)) * 0.01  # tiny variance: the op's eps matters
+    assert refattn.gradcheck(refattn.layer_norm, params, x, op_options={"eps": 1e-2})
+    y_default = refattn.layer_norm(params, x)
+    y_big_eps = refattn.layer_norm(params, x, eps=1e-2)
+    assert not np.allclose(y_default, y_big_eps)

@@ -7,6 +7,7 @@ The public API::
     refattn.Op, refattn.vjp, refattn.gradcheck, refattn.GradcheckError
 """
 
+from . import testing
 from ._op import Op, registered_ops, vjp
 from ._version import __version__
 from .gradcheck import GradcheckError, gradcheck
@@ -87,6 +88,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "sinusoidal_positions",
     "softmax",
+    "testing",
     "transformer_decoder_layer",
     "transformer_decoder_layer_cached",
     "transformer_encoder_layer",

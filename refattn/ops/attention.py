@@ -518,6 +518,9 @@ def _sdpa_fwd(
     dropout_p: float = 0.0,
     return_weights: bool = False,
     return_lse: bool = False,
+    implementation: str = "auto",
+    block_size: int | tuple[int, int] | None = None,
+    memory_budget: int | None = None,
 ) -> tuple[Any, Any]:
     r"""Scaled dot-product attention, the float64 reference.
 
@@ -555,6 +558,22 @@ def _sdpa_fwd(
     return_lse : bool
         Also return the per-row log-sum-exp of the scaled, biased, masked scores
         (..., Hq, n_q); ``-inf`` for a fully masked row.
+    implementation : {"auto", "materialized", "tiled"}
+        How the same op is computed (results agree to ~1e-15 relative in float64).
+        "materialized" forms the ``n_q x n_k`` weights in row blocks and keeps them for the
+        backward. "tiled" is flash-style (see :mod:`refattn.ops.tiled`): an online softmax over
+        key blocks, saving only ``O`` and the LSE, and a backward that recomputes the weights tile
+        by tile; its extra memory is ``O(n d)``, and causal masks skip fully hidden tiles (about
+        half the work). With ``return_weights=True`` the tiled path still works, but the weights
+        are an ``n_q x n_k`` output, so they are materialized (from the final LSE).
+        "auto" (default) picks "tiled" when the scores of the whole call,
+        ``batch * Hq * n_q * n_k`` entries in the input dtype, exceed ``memory_budget``, and
+        "materialized" otherwise, or whenever ``return_weights=True``.
+    block_size : int or (block_q, block_k), optional
+        Tile size of the tiled implementation (default :data:`refattn.ops.tiled.DEFAULT_BLOCK`,
+        256); ignored by "materialized".
+    memory_budget : int, optional
+        Bytes of scores "auto" may materialize; default :data:`DEFAULT_MEMORY_BUDGET` (1 GiB).
 
     Returns
     -------
@@ -562,6 +581,30 @@ def _sdpa_fwd(
         in that order. Fully masked query rows give ``out = 0`` and ``weights = 0``, and their
         gradients are 0.
     """
+    chosen = choose_implementation(
+        implementation,
+        q,
+        k,
+        return_weights=return_weights,
+        block_size=block_size,
+        memory_budget=memory_budget,
+    )
+    if chosen == "tiled":
+        return _tiled().sdpa_forward(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            is_causal=is_causal,
+            causal_alignment=causal_alignment,
+            scale=scale,
+            dropout_mask=dropout_mask,
+            dropout_p=dropout_p,
+            return_weights=return_weights,
+            return_lse=return_lse,
+            block_size=block_size,
+        )
     pb = prepare(
         q,
         k,
@@ -593,6 +636,7 @@ def _sdpa_bwd(
     *,
     return_weights: bool = False,
     return_lse: bool = False,
+    implementation: str = "auto",
     **_: Any,
 ) -> tuple[Array, Array, Array]:
     r"""VJP of scaled dot-product attention.
@@ -614,7 +658,16 @@ def _sdpa_bwd(
     GQA, the rows of a group are stacked as ``(g * n_q)`` rows against one K, so ``dK`` and
     ``dV`` sum the group's contributions inside the GEMM. Masked entries have ``P = 0``, hence
     ``dS = 0`` there, and a fully masked row contributes nothing.
+
+    The implementation was fixed by the forward (``implementation="auto"`` is resolved there):
+    tiled residuals go to :func:`refattn.ops.tiled.sdpa_backward`, which computes the same
+    formulas tile by tile, recomputing ``P = exp(S - lse)`` from the saved LSE.
     """
+    tiled = _tiled()
+    if isinstance(residuals, tiled.TiledResiduals):
+        return tiled.sdpa_backward(
+            residuals, cotangent, return_weights=return_weights, return_lse=return_lse
+        )
     pb, blocks, o = residuals
     xp = pb.xp
     cts = list(cotangent) if isinstance(cotangent, tuple) else [cotangent]
@@ -636,3 +689,59 @@ def _sdpa_bwd(
 scaled_dot_product_attention = Op(
     _sdpa_fwd, _sdpa_bwd, name="scaled_dot_product_attention", register=True
 )
+
+
+# ----------------------------------------------------------------------------- implementations
+
+IMPLEMENTATIONS = ("auto", "materialized", "tiled")
+#: bytes of scores ``implementation="auto"`` materializes before switching to "tiled"
+DEFAULT_MEMORY_BUDGET = 2**30
+
+
+def _tiled() -> Any:
+    """The tiled kernels (imported here: :mod:`refattn.ops.tiled` itself imports this module)."""
+    from . import tiled
+
+    return tiled
+
+
+def choose_implementation(
+    implementation: str,
+    q: Array,
+    k: Array,
+    *,
+    return_weights: bool = False,
+    block_size: Any = None,
+    memory_budget: int | None = None,
+) -> str:
+    """Validate the implementation options and resolve "auto" to "materialized" or "tiled".
+
+    "auto" is "tiled" when ``prod(q.shape[:-1]) * n_k`` scores (batch, heads and query rows
+    times keys) in ``q``'s dtype exceed ``memory_budget`` bytes (default
+    :data:`DEFAULT_MEMORY_BUDGET`), and "materialized" otherwise or when weights are requested.
+    """
+    op = "refattn.scaled_dot_product_attention"
+    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"{op}: implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))}, "
+            f"got {implementation!r}"
+        )
+    _tiled().check_block_size(block_size, "scaled_dot_product_attention")
+    if memory_budget is None:
+        budget = DEFAULT_MEMORY_BUDGET
+    elif isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+        raise TypeError(f"{op}: memory_budget must be a number of bytes, got {memory_budget!r}")
+    elif not memory_budget >= 0:
+        raise ValueError(f"{op}: memory_budget must be >= 0 bytes, got {memory_budget!r}")
+    else:
+        budget = memory_budget
+    if implementation != "auto":
+        return implementation
+    if return_weights:
+        return "materialized"
+    q_shape, k_shape = tuple(getattr(q, "shape", ())), tuple(getattr(k, "shape", ()))
+    if len(q_shape) < 2 or len(k_shape) < 2:
+        return "materialized"  # prepare() reports the bad shapes
+    itemsize = 4 if q.dtype == namespace(q).float32 else 8
+    n_scores = math.prod(q_shape[:-1]) * k_shape[-2]
+    return "tiled" if n_scores * itemsize > budget else "materialized"

@@ -10,6 +10,7 @@ The public API::
 from . import testing
 from ._op import Op, registered_ops, vjp
 from ._version import __version__
+from .dynamic import DynamicAttention
 from .gradcheck import GradcheckError, gradcheck
 from .layers import (
     KVCache,
@@ -52,6 +53,7 @@ from .ops import (
 )
 
 __all__ = [
+    "DynamicAttention",
     "GradcheckError",
     "KVCache",
     "Op",

@@ -46,9 +46,11 @@ from .layers import (
 from .ops import (
     causal_mask,
     from_torch_mha_masks,
+    linear_attention,
     log_softmax,
     padding_mask,
     scaled_dot_product_attention,
+    sliding_window_attention,
     softmax,
 )
 
@@ -78,6 +80,7 @@ __all__ = [
     "layer_norm",
     "learned_positions",
     "linear",
+    "linear_attention",
     "log_softmax",
     "multi_head_attention",
     "multi_head_attention_cached",
@@ -89,6 +92,7 @@ __all__ = [
     "rope",
     "scaled_dot_product_attention",
     "sinusoidal_positions",
+    "sliding_window_attention",
     "softmax",
     "testing",
     "transformer_decoder_layer",

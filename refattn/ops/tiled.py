@@ -1,0 +1,711 @@
+r"""Flash-style tiled exact attention: online-softmax forward, LSE-recompute backward.
+
+The same op as the materialized kernels of :mod:`refattn.ops.attention`, computed block by
+block so that no ``n_q x n_k`` array ever exists. It works on the canonical
+:class:`~refattn.ops.attention.Problem` (``q (B, Hkv, g, n_q, d_k)``, ``k (B, Hkv, n_k, d_k)``,
+``v (B, Hkv, n_k, d_v)``); a *unit* of work is a chunk of heads times a block of query rows, and
+a *tile* is a unit's rows against one block of keys.
+
+Forward (online softmax, Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022). For one
+row block, over its visible key blocks :math:`j = 1, 2, \dots`:
+
+.. math::
+
+    S^{(j)} &= \mathrm{scale}\; Q K_j^\top + B_j \quad(-\infty\ \text{where masked}),\\
+    m^{(j)} &= \max\bigl(m^{(j-1)}, \mathrm{rowmax}\, S^{(j)}\bigr),\qquad
+    \alpha^{(j)} = e^{m^{(j-1)} - m^{(j)}},\\
+    \ell^{(j)} &= \alpha^{(j)} \ell^{(j-1)} + \mathrm{rowsum}\, e^{S^{(j)} - m^{(j)}},\\
+    A^{(j)} &= \alpha^{(j)} A^{(j-1)} + \bigl(e^{S^{(j)} - m^{(j)}} \circ D_j\bigr) V_j,
+
+starting from :math:`m = -\infty,\ \ell = 0,\ A = 0`. By induction
+:math:`\ell = \sum_{j'} \mathrm{rowsum}\,e^{S^{(j')} - m}` and
+:math:`A = \sum_{j'} (e^{S^{(j')} - m} \circ D_{j'}) V_{j'}` with the *final* running max ``m``,
+so at the end :math:`O = A / \ell` and :math:`\mathrm{lse} = m + \log \ell` exactly as the
+materialized softmax gives them. Only ``O`` and ``lse`` are saved (plus the inputs).
+
+Backward. With :math:`P = e^{S - \mathrm{lse}}` recomputed tile by tile from the saved LSE:
+
+.. math::
+
+    dV_j &\mathrel{+}= (P \circ D)^\top dO, \qquad dP = (dO\, V_j^\top) \circ D,\\
+    dS &= P \circ (dP - c), \qquad
+    c_i = \Delta_i - d\mathrm{lse}_i \;(+ \textstyle\sum_j P_{ij}\, dW_{ij}),\qquad
+    \Delta_i = \sum_j P_{ij}\, dP_{ij} = \sum_c dO_{ic}\, O_{ic},\\
+    dQ &\mathrel{+}= \mathrm{scale}\; dS\, K_j, \qquad
+    dK_j \mathrel{+}= \mathrm{scale}\; dS^\top Q .
+
+``Delta = rowsum(dO o O)`` is the softmax VJP's row sum computed in O(n d) *before* the loop,
+which is what makes a single pass over the tiles enough (``O = (P o D) V`` so
+``rowsum(dO o O) = sum_j (P o D)_ij (dO V^T)_ij = sum_j P_ij dP_ij``). A fully masked row has
+``lse = -inf`` and all its scores ``-inf``, hence ``P = 0`` and zero gradients.
+
+Structured masks. A :class:`Pattern` (causal, a band around the diagonal, global tokens) is
+evaluated from *indices*: each tile is classified as empty (skipped, never computed), full (no
+mask needed) or partial (a ``block_q x block_k`` keep-mask is built from two ``arange``). Causal
+attention thus visits about half the tiles, and a sliding window ``O(n w / b^2)`` of them.
+
+Parallelism. Forward units are independent (``parallel_map``). In the backward, ``dQ`` rows
+belong to one unit, while ``dK, dV`` sum over units: there is one *lane* per thread, taking units
+from a shared queue, largest first (which balances causal work), and accumulating into its own
+``dK, dV`` buffers, summed at the end. Memory beyond inputs and outputs: per thread a few
+tiles, plus one ``dK, dV``-sized buffer per extra lane.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .._backend import device_of, exp_inplace, n_threads, parallel_map
+from .attention import Problem, prepare
+
+__all__ = [
+    "DEFAULT_BLOCK",
+    "Pattern",
+    "Plan",
+    "TiledResiduals",
+    "check_block_size",
+    "make_plan",
+    "sdpa_backward",
+    "sdpa_forward",
+    "tiled_backward",
+    "tiled_forward",
+]
+
+Array = Any
+
+#: default query and key block size (rows and columns of a tile)
+DEFAULT_BLOCK = 256
+#: largest tile (all heads of a unit) in bytes; units take as many heads as fit
+_TILE_BYTES = 2 * 2**20
+#: calls whose scores take fewer bytes than this run serially (threads would cost more)
+_SERIAL_BYTES = 2**20
+
+_EMPTY, _PARTIAL, _FULL = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- patterns
+
+
+@dataclass(frozen=True)
+class Pattern:
+    r"""A structured keep-mask, evaluated from indices (never materialized).
+
+    Query ``i`` may attend key ``j`` iff
+
+    .. math::
+
+        (j - i \le \mathrm{causal}) \wedge \bigl(\mathrm{band}(i, j) \vee i < G \vee j < G\bigr),
+        \qquad \mathrm{band}(i, j) = (i - j \le \mathrm{left}) \wedge (j - i \le \mathrm{right}),
+
+    where a ``None`` bound is absent and ``G = n_global``.
+
+    * causal SDPA: ``Pattern(causal=0)`` (upper-left) or ``causal=n_k - n_q`` (lower-right);
+    * sliding window ``w``: ``Pattern(left=w, right=w, n_global=G)``, causal:
+      ``Pattern(causal=0, left=w, n_global=G)``.
+    """
+
+    causal: int | None = None
+    left: int | None = None
+    right: int | None = None
+    n_global: int = 0
+
+    def tile_state(self, r0: int, r1: int, c0: int, c1: int) -> int:
+        """Whether rows ``r0:r1`` x keys ``c0:c1`` are all hidden, all visible, or mixed."""
+        causal_full = True
+        if self.causal is not None:
+            if c0 - (r1 - 1) > self.causal:  # the smallest j - i is already too large
+                return _EMPTY
+            causal_full = (c1 - 1) - r0 <= self.causal
+        left, right, g = self.left, self.right, self.n_global
+        band_empty = (left is not None and r0 - (c1 - 1) > left) or (
+            right is not None and c0 - (r1 - 1) > right
+        )
+        band_full = (left is None or (r1 - 1) - c0 <= left) and (
+            right is None or (c1 - 1) - r0 <= right
+        )
+        global_full = r1 <= g or c1 <= g
+        global_empty = r0 >= g and c0 >= g
+        if band_empty and global_empty:
+            return _EMPTY
+        if (band_full or global_full) and causal_full:
+            return _FULL
+        return _PARTIAL
+
+    def keep(self, xp: Any, r0: int, r1: int, c0: int, c1: int, device: Any) -> Array:
+        """The ``(r1 - r0, c1 - c0)`` boolean keep-mask of one tile."""
+        i = xp.arange(r0, r1, device=device)[:, None]
+        j = xp.arange(c0, c1, device=device)[None, :]
+        keep = xp.ones((r1 - r0, c1 - c0), dtype=xp.bool, device=device)
+        if self.left is not None:
+            keep = xp.logical_and(keep, i - j <= self.left)
+        if self.right is not None:
+            keep = xp.logical_and(keep, j - i <= self.right)
+        if self.n_global:
+            keep = xp.logical_or(keep, xp.logical_or(i < self.n_global, j < self.n_global))
+        if self.causal is not None:
+            keep = xp.logical_and(keep, j - i <= self.causal)
+        return keep
+
+    def key_ranges(self, r0: int, r1: int, n_k: int) -> list[tuple[int, int]]:
+        """Key intervals that may hold visible keys for rows ``r0:r1`` (a superset)."""
+        hi = n_k if self.causal is None else max(0, min(n_k, r1 + self.causal))
+        if r0 < self.n_global:
+            return [(0, hi)]
+        lo_band = 0 if self.left is None else max(0, r0 - self.left)
+        hi_band = hi if self.right is None else min(hi, r1 + self.right)
+        return [(0, min(self.n_global, hi)), (lo_band, hi_band)]
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def check_block_size(block_size: Any, op: str) -> tuple[int, int] | None:
+    """Validate ``block_size``: None, a positive int, or a pair ``(block_q, block_k)``."""
+    if block_size is None:
+        return None
+    pair = block_size if isinstance(block_size, (tuple, list)) else (block_size, block_size)
+    ok = len(pair) == 2 and all(
+        isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in pair
+    )
+    if not ok:
+        raise ValueError(
+            f"refattn.{op}: block_size must be a positive int or a pair (block_q, block_k) of "
+            f"positive ints, got {block_size!r}"
+        )
+    return int(pair[0]), int(pair[1])
+
+
+@dataclass(frozen=True)
+class Heads:
+    """A chunk of heads: canonical axes ``b0:b1`` (batch) and ``h0:h1`` (kv heads)."""
+
+    b0: int
+    b1: int
+    h0: int
+    h1: int
+
+
+@dataclass
+class Plan:
+    """How one call is cut into work.
+
+    Attributes
+    ----------
+    heads : list of :class:`Heads`
+    rows : list of ``(r0, r1)`` query blocks
+    visible : per query block, its non-empty key tiles ``(c0, c1, full)``
+    """
+
+    heads: list[Heads]
+    rows: list[tuple[int, int]]
+    visible: list[list[tuple[int, int, bool]]]
+
+    @property
+    def units(self) -> list[tuple[Heads, int]]:
+        """Every (head chunk, row block), the most tiles first.
+
+        Taken from a shared queue by the threads, largest first (LPT scheduling), so that the
+        unequal units of a causal or banded pattern finish together.
+        """
+        order = sorted(range(len(self.rows)), key=lambda ri: -len(self.visible[ri]))
+        return [(hc, ri) for hc in self.heads for ri in order]
+
+    score_bytes: int = 0  # scores computed by one pass over all tiles, in bytes
+
+    @property
+    def n_tiles(self) -> int:
+        """Computed tiles per head chunk (for tests and benchmarks)."""
+        return sum(len(v) for v in self.visible)
+
+    @property
+    def small(self) -> bool:
+        """Too little work for threads to pay off: run the units serially."""
+        return self.score_bytes < _SERIAL_BYTES
+
+
+def _edges(n: int, block: int, split: int) -> list[int]:
+    edges = set(range(0, n, block)) | {n}
+    if 0 < split < n:
+        edges.add(split)
+    return sorted(edges)
+
+
+def make_plan(
+    pb: Problem, pattern: Pattern | None, block_size: tuple[int, int] | None = None
+) -> Plan:
+    """Blocks, head chunks and the visible tiles of ``pb`` under ``pattern``.
+
+    Query and key blocks are ``block_size`` (default :data:`DEFAULT_BLOCK`), with an extra edge
+    at ``pattern.n_global`` so that global rows and columns form their own blocks. Heads are
+    grouped so that a unit's tile stays under :data:`_TILE_BYTES`.
+    """
+    block_q, block_k = block_size or (DEFAULT_BLOCK, DEFAULT_BLOCK)
+    n_q, n_k = pb.n_q, pb.n_k
+    split = pattern.n_global if pattern is not None else 0
+    row_edges = _edges(n_q, block_q, split)
+    col_edges = _edges(n_k, block_k, split)
+    rows = list(itertools.pairwise(row_edges))
+    cols = list(itertools.pairwise(col_edges))
+    visible = [_visible_tiles(pattern, r0, r1, cols, col_edges, n_k) for r0, r1 in rows]
+    b, h_kv, g = (int(s) for s in pb.q.shape[:3])
+    itemsize = 4 if pb.q.dtype == pb.xp.float32 else 8
+    tile = max(1, g * min(block_q, max(n_q, 1)) * min(block_k, max(n_k, 1)) * itemsize)
+    heads = _head_chunks(b, h_kv, max(1, _TILE_BYTES // tile))
+    score_bytes = (
+        itemsize
+        * b
+        * h_kv
+        * g
+        * sum(
+            (r1 - r0) * (c1 - c0)
+            for (r0, r1), tiles in zip(rows, visible, strict=True)
+            for c0, c1, _ in tiles
+        )
+    )
+    return Plan(heads, rows, visible, score_bytes)
+
+
+def _visible_tiles(
+    pattern: Pattern | None,
+    r0: int,
+    r1: int,
+    cols: list[tuple[int, int]],
+    col_edges: list[int],
+    n_k: int,
+) -> list[tuple[int, int, bool]]:
+    if pattern is None:
+        return [(c0, c1, True) for c0, c1 in cols]
+    candidates: set[int] = set()
+    for lo, hi in pattern.key_ranges(r0, r1, n_k):
+        if hi <= lo:
+            continue
+        first = bisect.bisect_right(col_edges, lo) - 1
+        last = bisect.bisect_left(col_edges, hi)
+        candidates.update(range(max(first, 0), min(last, len(cols))))
+    tiles = []
+    for ci in sorted(candidates):
+        c0, c1 = cols[ci]
+        state = pattern.tile_state(r0, r1, c0, c1)
+        if state != _EMPTY:
+            tiles.append((c0, c1, state == _FULL))
+    return tiles
+
+
+def _head_chunks(b: int, h_kv: int, per_unit: int) -> list[Heads]:
+    if per_unit >= b * h_kv:
+        return [Heads(0, b, 0, h_kv)]
+    if per_unit >= h_kv:
+        step = per_unit // h_kv
+        return [Heads(b0, min(b0 + step, b), 0, h_kv) for b0 in range(0, b, step)]
+    return [
+        Heads(b0, b0 + 1, h0, min(h0 + per_unit, h_kv))
+        for b0 in range(b)
+        for h0 in range(0, h_kv, per_unit)
+    ]
+
+
+# ----------------------------------------------------------------------------- slicing
+
+
+def _kv(x: Array, hc: Heads) -> Array:
+    """Heads ``hc`` of a canonical ``(B, Hkv, ...)`` array (axes of size 1 broadcast)."""
+    b = slice(None) if x.shape[0] == 1 else slice(hc.b0, hc.b1)
+    h = slice(None) if x.shape[1] == 1 else slice(hc.h0, hc.h1)
+    return x[b, h, ...]
+
+
+def _tile(x: Array | None, hc: Heads, r0: int, r1: int, c0: int, c1: int) -> Array | None:
+    """Tile of a canonical broadcastable ``(B|1, Hkv|1, g|1, n_q|1, n_k|1)`` array.
+
+    Only the tile is sliced (a view): a broadcast mask or bias is never expanded.
+    """
+    if x is None:
+        return None
+    r = slice(None) if x.shape[3] == 1 else slice(r0, r1)
+    c = slice(None) if x.shape[4] == 1 else slice(c0, c1)
+    return _kv(x, hc)[:, :, :, r, c]
+
+
+def _merge(xp: Any, x: Array) -> Array:
+    """``(b, h, g, r, c) -> (b, h, g * r, c)``."""
+    b, h, g, r, c = x.shape
+    return xp.reshape(x, (b, h, g * r, c))
+
+
+def _split(xp: Any, x: Array, g: int) -> Array:
+    """``(b, h, g * r, c) -> (b, h, g, r, c)``."""
+    b, h, gr, c = x.shape
+    return xp.reshape(x, (b, h, g, gr // g, c))
+
+
+def _scores(
+    pb: Problem,
+    pattern: Pattern | None,
+    hc: Heads,
+    q_scaled: Array,
+    k: Array,
+    g: int,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    full: bool,
+) -> Array:
+    """``scale Q K^T + bias`` of one tile, ``-inf`` where masked: ``(b, h, g, r, c)``."""
+    xp = pb.xp
+    s = _split(xp, q_scaled @ xp.matrix_transpose(k[:, :, c0:c1, :]), g)
+    bias = _tile(pb.bias, hc, r0, r1, c0, c1)
+    if bias is not None:
+        s += bias
+    keep = _tile(pb.keep, hc, r0, r1, c0, c1)
+    if not full:
+        structured = pattern.keep(xp, r0, r1, c0, c1, device_of(s))
+        keep = structured if keep is None else xp.logical_and(keep, structured)
+    if keep is not None:
+        s = xp.where(keep, s, -math.inf)
+    return s
+
+
+def _is_threaded(xp: Any) -> bool:
+    from array_api_compat import is_numpy_namespace
+
+    return is_numpy_namespace(xp) and n_threads() > 1
+
+
+def _run(xp: Any, fn: Any, items: Sequence[Any], *, serial: bool = False) -> None:
+    if serial:
+        for item in items:
+            fn(item)
+    else:
+        parallel_map(xp, fn, list(items))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def tiled_forward(
+    pb: Problem, pattern: Pattern | None, plan: Plan, *, want_weights: bool = False
+) -> tuple[Array, Array, Array | None]:
+    """Online-softmax forward: ``(O, lse, P or None)`` in the canonical layout.
+
+    ``O (B, Hkv, g, n_q, d_v)``, ``lse (B, Hkv, g, n_q)`` (``-inf`` for rows with no visible
+    key), and, only when ``want_weights``, ``P (B, Hkv, g, n_q, n_k)`` (before dropout),
+    filled tile by tile from the final LSE.
+    """
+    xp = pb.xp
+    b, h_kv, g, n_q, _ = pb.q.shape
+    dtype, device = pb.q.dtype, device_of(pb.q)
+    o = xp.zeros((b, h_kv, g, n_q, pb.v.shape[-1]), dtype=dtype, device=device)
+    lse = xp.full((b, h_kv, g, n_q), -math.inf, dtype=dtype, device=device)
+    weights = None
+    if want_weights:
+        weights = xp.zeros((b, h_kv, g, n_q, pb.n_k), dtype=dtype, device=device)
+
+    def unit(item: tuple[Heads, int]) -> None:
+        hc, ri = item
+        r0, r1 = plan.rows[ri]
+        o_u, lse_u = _forward_unit(pb, pattern, plan.visible[ri], hc, r0, r1, weights)
+        o[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = o_u
+        lse[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1] = lse_u
+
+    _run(xp, unit, plan.units, serial=plan.small)
+    return o, lse, weights
+
+
+def _forward_unit(
+    pb: Problem,
+    pattern: Pattern | None,
+    tiles: list[tuple[int, int, bool]],
+    hc: Heads,
+    r0: int,
+    r1: int,
+    weights: Array | None,
+) -> tuple[Array, Array]:
+    """Rows ``r0:r1`` of heads ``hc``: ``(O (b, h, g, r, d_v), lse (b, h, g, r))``."""
+    xp = pb.xp
+    q = pb.q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :]
+    bh, hh, g, r, _ = q.shape
+    q_scaled = _merge(xp, q * pb.scale)
+    k, v = _kv(pb.k, hc), _kv(pb.v, hc)
+    d_v = v.shape[-1]
+    dtype, device = q.dtype, device_of(q)
+    m = xp.full((bh, hh, g, r, 1), -math.inf, dtype=dtype, device=device)
+    shift = xp.zeros_like(m)
+    total = xp.zeros_like(m)
+    acc = xp.zeros((bh, hh, g, r, d_v), dtype=dtype, device=device)
+    for c0, c1, full in tiles:
+        s = _scores(pb, pattern, hc, q_scaled, k, g, r0, r1, c0, c1, full)
+        m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
+        new_shift = xp.where(xp.isfinite(m_new), m_new, xp.zeros_like(m_new))
+        alpha = xp.exp(m - new_shift)  # exp(-inf) = 0 before the first visible key
+        s -= new_shift
+        p = exp_inplace(xp, s)
+        total = alpha * total + xp.sum(p, axis=-1, keepdims=True)
+        drop = _tile(pb.drop, hc, r0, r1, c0, c1)
+        if drop is not None:
+            p = p * drop
+        acc = alpha * acc + _split(xp, _merge(xp, p) @ v[:, :, c0:c1, :], g)
+        m, shift = m_new, new_shift
+    positive = total > 0
+    safe = xp.where(positive, total, xp.ones_like(total))
+    o = acc / safe
+    lse = xp.where(positive, shift + xp.log(safe), -math.inf)
+    if weights is not None:
+        _fill_weights(pb, pattern, tiles, hc, r0, r1, q_scaled, k, g, lse, weights)
+    return o, lse[..., 0]
+
+
+def _fill_weights(
+    pb: Problem,
+    pattern: Pattern | None,
+    tiles: list[tuple[int, int, bool]],
+    hc: Heads,
+    r0: int,
+    r1: int,
+    q_scaled: Array,
+    k: Array,
+    g: int,
+    lse: Array,
+    weights: Array,
+) -> None:
+    """Second pass over the tiles: ``P = exp(S - lse)`` into ``weights`` (0 elsewhere)."""
+    xp = pb.xp
+    lse_safe = xp.where(xp.isfinite(lse), lse, xp.zeros_like(lse))
+    for c0, c1, full in tiles:
+        s = _scores(pb, pattern, hc, q_scaled, k, g, r0, r1, c0, c1, full)
+        s -= lse_safe
+        weights[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, c0:c1] = exp_inplace(xp, s)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def tiled_backward(
+    pb: Problem,
+    pattern: Pattern | None,
+    plan: Plan,
+    o: Array,
+    lse: Array,
+    d_o: Array | None,
+    d_w: Array | None = None,
+    d_lse: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    """LSE-recompute backward: ``(dQ, dK, dV)`` in the canonical layout.
+
+    ``o (B, Hkv, g, n_q, d_v)`` and ``lse (B, Hkv, g, n_q)`` from :func:`tiled_forward`;
+    cotangents ``d_o`` like ``o``, ``d_w (B, Hkv, g, n_q, n_k)`` for returned weights and
+    ``d_lse`` like ``lse`` (each may be None).
+    """
+    xp = pb.xp
+    d_q = xp.zeros_like(pb.q)
+    d_k = xp.zeros_like(pb.k)
+    d_v = xp.zeros_like(pb.v)
+    if d_o is None and d_w is None and d_lse is None:
+        return d_q, d_k, d_v
+    units = plan.units
+    threaded = _is_threaded(xp) and not plan.small
+    n_lanes = max(1, min(n_threads(), len(units))) if threaded else 1
+    lanes = [(d_k, d_v)] + [(xp.zeros_like(pb.k), xp.zeros_like(pb.v)) for _ in range(n_lanes - 1)]
+
+    queue = iter(units)
+    lock = threading.Lock()
+
+    def lane(t: int) -> None:
+        lane_dk, lane_dv = lanes[t]
+        while True:
+            with lock:
+                item = next(queue, None)
+            if item is None:
+                return
+            hc, ri = item
+            r0, r1 = plan.rows[ri]
+            dq_u = _backward_unit(
+                pb, pattern, plan.visible[ri], hc, r0, r1, o, lse, d_o, d_w, d_lse, lane_dk, lane_dv
+            )
+            d_q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = dq_u
+
+    _run(xp, lane, range(n_lanes), serial=n_lanes == 1)
+    for lane_dk, lane_dv in lanes[1:]:
+        d_k += lane_dk
+        d_v += lane_dv
+    return d_q, d_k, d_v
+
+
+def _backward_unit(
+    pb: Problem,
+    pattern: Pattern | None,
+    tiles: list[tuple[int, int, bool]],
+    hc: Heads,
+    r0: int,
+    r1: int,
+    o: Array,
+    lse: Array,
+    d_o: Array | None,
+    d_w: Array | None,
+    d_lse: Array | None,
+    d_k: Array,
+    d_v: Array,
+) -> Array:
+    """Rows ``r0:r1`` of heads ``hc``: returns their ``dQ``, adds into ``d_k``, ``d_v``.
+
+    ``d_k`` and ``d_v`` are updated by ``__setitem__`` on the whole array (not through a view),
+    which is portable across array-API backends.
+    """
+    xp = pb.xp
+    rows = (slice(hc.b0, hc.b1), slice(hc.h0, hc.h1), slice(None), slice(r0, r1), ...)
+    q = pb.q[rows]
+    g = int(q.shape[2])
+    q_scaled = _merge(xp, q * pb.scale)
+    k, v = _kv(pb.k, hc), _kv(pb.v, hc)
+    lse_u = lse[rows][..., None]
+    lse_safe = xp.where(xp.isfinite(lse_u), lse_u, xp.zeros_like(lse_u))
+    # the per-row constant c = Delta - dlse (+ rowsum(P o dW)), computed before the tile loop
+    c = xp.zeros_like(lse_u)
+    d_o_m = None
+    if d_o is not None:
+        d_o_u = d_o[rows]
+        c = c + xp.sum(d_o_u * o[rows], axis=-1, keepdims=True)
+        d_o_m = _merge(xp, d_o_u)
+    if d_lse is not None:
+        c = c - d_lse[rows][..., None]
+    d_w_u = None if d_w is None else d_w[rows]
+    if d_w_u is not None:
+        for c0, c1, full in tiles:  # extra pass: rowsum(P o dW) needs the whole row
+            s = _scores(pb, pattern, hc, q_scaled, k, g, r0, r1, c0, c1, full)
+            s -= lse_safe
+            c = c + xp.sum(exp_inplace(xp, s) * d_w_u[..., c0:c1], axis=-1, keepdims=True)
+    d_q = xp.zeros(tuple(q_scaled.shape), dtype=q.dtype, device=device_of(q))
+    for c0, c1, full in tiles:
+        s = _scores(pb, pattern, hc, q_scaled, k, g, r0, r1, c0, c1, full)
+        s -= lse_safe
+        p = exp_inplace(xp, s)
+        drop = _tile(pb.drop, hc, r0, r1, c0, c1)
+        if d_o_m is not None:
+            p_drop = p if drop is None else p * drop
+            d_v[rows[0], rows[1], c0:c1, :] += xp.matrix_transpose(_merge(xp, p_drop)) @ d_o_m
+            d_p = _split(xp, d_o_m @ xp.matrix_transpose(v[:, :, c0:c1, :]), g)
+            if drop is not None:
+                d_p *= drop
+            if d_w_u is not None:
+                d_p += d_w_u[..., c0:c1]
+            d_p -= c
+            d_p *= p  # d_p is this tile's own array: dS = P o (dP - c) in place
+            d_s = _merge(xp, d_p)
+        else:
+            d_p = -c if d_w_u is None else d_w_u[..., c0:c1] - c
+            d_s = _merge(xp, p * d_p)
+        d_q += d_s @ k[:, :, c0:c1, :]
+        d_k[rows[0], rows[1], c0:c1, :] += xp.matrix_transpose(d_s) @ q_scaled
+    return _split(xp, d_q, g) * pb.scale
+
+
+# ----------------------------------------------------------------------------- SDPA
+
+
+@dataclass
+class TiledResiduals:
+    """What the tiled SDPA forward saves: the problem (inputs), the plan, ``O`` and the LSE."""
+
+    pb: Problem
+    pattern: Pattern | None
+    plan: Plan
+    o: Array
+    lse: Array
+
+
+def causal_pattern(is_causal: bool, alignment: str, n_q: int, n_k: int) -> Pattern | None:
+    """The :class:`Pattern` of SDPA's causal mask (None when not causal)."""
+    if not is_causal:
+        return None
+    return Pattern(causal=0 if alignment == "upper_left" else n_k - n_q)
+
+
+def sdpa_forward(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    causal_alignment: str = "upper_left",
+    scale: float | None = None,
+    dropout_mask: Array | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    return_lse: bool = False,
+    block_size: Any = None,
+) -> tuple[Any, TiledResiduals]:
+    """``scaled_dot_product_attention(..., implementation="tiled")``: ``(result, residuals)``.
+
+    Same arguments and results as the materialized op. The causal mask is never built: it is a
+    :class:`Pattern` whose fully hidden tiles are skipped. ``return_weights`` works (the
+    ``n_q x n_k`` weights are then an output, so they are materialized, from the final LSE), but
+    the forward itself and the saved state stay ``O(n d)``.
+    """
+    blocks = check_block_size(block_size, "scaled_dot_product_attention")
+    if not isinstance(is_causal, bool):
+        raise TypeError(
+            f"refattn.scaled_dot_product_attention: is_causal must be a bool, got {is_causal!r}"
+        )
+    pb = prepare(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        causal_alignment=causal_alignment,
+        scale=scale,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+    )
+    pattern = causal_pattern(is_causal, causal_alignment, pb.n_q, pb.n_k)
+    plan = make_plan(pb, pattern, blocks)
+    o, lse, weights = tiled_forward(pb, pattern, plan, want_weights=return_weights)
+    xp = pb.xp
+    extras = []
+    if weights is not None:
+        extras.append(xp.reshape(weights, pb.weights_shape))
+    if return_lse:
+        extras.append(xp.reshape(lse, pb.lse_shape))
+    out = xp.reshape(o, pb.out_shape)
+    result = (out, *extras) if extras else out
+    return result, TiledResiduals(pb, pattern, plan, o, lse)
+
+
+def sdpa_backward(
+    residuals: TiledResiduals,
+    cotangent: Any,
+    *,
+    return_weights: bool = False,
+    return_lse: bool = False,
+) -> tuple[Array, Array, Array]:
+    """The tiled SDPA's VJP: ``(dq, dk, dv)`` in the user's shapes."""
+    pb = residuals.pb
+    xp = pb.xp
+    cts = list(cotangent) if isinstance(cotangent, tuple) else [cotangent]
+    d_out = cts.pop(0)
+    d_w = cts.pop(0) if return_weights else None
+    d_lse = cts.pop(0) if return_lse else None
+    o, lse = residuals.o, residuals.lse
+    d_q, d_k, d_v = tiled_backward(
+        pb,
+        residuals.pattern,
+        residuals.plan,
+        o,
+        lse,
+        None if d_out is None else xp.reshape(d_out, tuple(o.shape)),
+        None if d_w is None else xp.reshape(d_w, (*tuple(lse.shape), pb.n_k)),
+        None if d_lse is None else xp.reshape(d_lse, tuple(lse.shape)),
+    )
+    return (
+        xp.reshape(d_q, pb.q_shape),
+        xp.reshape(d_k, pb.k_shape),
+        xp.reshape(d_v, pb.v_shape),
+    )

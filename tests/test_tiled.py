@@ -406,7 +406,7 @@ def test_auto_picks_by_memory_budget():
     weights_tiled = _residuals(q, k, v, implementation="tiled", return_weights=True)
     assert isinstance(weights_tiled, TiledResiduals)
     assert attention.choose_implementation("auto", q, k) == "materialized"
-    assert attention.DEFAULT_MEMORY_BUDGET == 2**30
+    assert attention.DEFAULT_MEMORY_BUDGET == 4 * 2**20
 
 
 def test_auto_results_equal_explicit_choice():

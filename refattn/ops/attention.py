@@ -571,7 +571,7 @@ def _sdpa_fwd(
         "materialized" otherwise, or whenever ``return_weights=True``.
     block_size : int or (block_q, block_k), optional
         Tile size of the tiled implementation (default :data:`refattn.ops.tiled.DEFAULT_BLOCK`,
-        256); ignored by "materialized".
+        512); ignored by "materialized".
     memory_budget : int, optional
         Bytes of scores "auto" may materialize; default :data:`DEFAULT_MEMORY_BUDGET` (4 MiB).
 

@@ -80,7 +80,7 @@ __all__ = [
 Array = Any
 
 #: default query and key block size (rows and columns of a tile)
-DEFAULT_BLOCK = 256
+DEFAULT_BLOCK = 512
 #: largest tile (all heads of a unit) in bytes; units take as many heads as fit
 _TILE_BYTES = 2 * 2**20
 #: calls whose scores take fewer bytes than this run serially (threads would cost more)

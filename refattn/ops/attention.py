@@ -92,6 +92,45 @@ class Problem:
             return x
         return x[:, :, :, r0:r1, ...]
 
+    def result(
+        self, o: Array, weights: Array | None, lse: Array, *, return_lse: bool
+    ) -> Array | tuple[Array, ...]:
+        """The user-facing result from canonical ``O``, ``P`` (None if not requested), ``lse``:
+        ``out``, or ``(out, weights?, lse?)``."""
+        xp = self.xp
+        extras = []
+        if weights is not None:
+            extras.append(xp.reshape(weights, self.weights_shape))
+        if return_lse:
+            extras.append(xp.reshape(lse, self.lse_shape))
+        out = xp.reshape(o, self.out_shape)
+        return (out, *extras) if extras else out
+
+    def cotangents(
+        self, cotangent: Any, *, return_weights: bool, return_lse: bool
+    ) -> tuple[Array | None, Array | None, Array | None]:
+        """Split a cotangent into canonical ``(dO, dP, dlse)``, None for absent parts."""
+        xp = self.xp
+        cts = list(cotangent) if isinstance(cotangent, tuple) else [cotangent]
+        d_out = cts.pop(0)
+        d_w = cts.pop(0) if return_weights else None
+        d_lse = cts.pop(0) if return_lse else None
+        rows = tuple(self.q.shape[:4])
+        return (
+            None if d_out is None else xp.reshape(d_out, (*rows, self.v.shape[-1])),
+            None if d_w is None else xp.reshape(d_w, (*rows, self.n_k)),
+            None if d_lse is None else xp.reshape(d_lse, rows),
+        )
+
+    def gradients(self, d_q: Array, d_k: Array, d_v: Array) -> tuple[Array, Array, Array]:
+        """Canonical gradients back in the user's shapes."""
+        xp = self.xp
+        return (
+            xp.reshape(d_q, self.q_shape),
+            xp.reshape(d_k, self.k_shape),
+            xp.reshape(d_v, self.v_shape),
+        )
+
     def row_blocks(self) -> list[tuple[int, int]]:
         """Split ``range(n_q)`` into contiguous row blocks for :func:`parallel_map`.
 
@@ -618,15 +657,8 @@ def _sdpa_fwd(
         dropout_p=dropout_p,
     )
     o, blocks, lse = forward_blocks(pb)
-    xp = pb.xp
-    out = xp.reshape(o, pb.out_shape)
-    extras = []
-    if return_weights:
-        extras.append(xp.reshape(weights_from_blocks(xp, blocks), pb.weights_shape))
-    if return_lse:
-        extras.append(xp.reshape(lse, pb.lse_shape))
-    result = (out, *extras) if extras else out
-    return result, (pb, blocks, o)
+    weights = weights_from_blocks(pb.xp, blocks) if return_weights else None
+    return pb.result(o, weights, lse, return_lse=return_lse), (pb, blocks, o)
 
 
 def _sdpa_bwd(
@@ -669,21 +701,9 @@ def _sdpa_bwd(
             residuals, cotangent, return_weights=return_weights, return_lse=return_lse
         )
     pb, blocks, o = residuals
-    xp = pb.xp
-    cts = list(cotangent) if isinstance(cotangent, tuple) else [cotangent]
-    d_out = cts.pop(0)
-    d_w = cts.pop(0) if return_weights else None
-    d_lse = cts.pop(0) if return_lse else None
-    canon_shape = (*tuple(o.shape[:4]), pb.n_k)
-    d_o = None if d_out is None else xp.reshape(d_out, tuple(o.shape))
-    d_p = None if d_w is None else xp.reshape(d_w, canon_shape)
-    d_l = None if d_lse is None else xp.reshape(d_lse, canon_shape[:-1])
+    d_o, d_p, d_l = pb.cotangents(cotangent, return_weights=return_weights, return_lse=return_lse)
     d_q, d_k, d_v, _ = backward_blocks(pb, blocks, o, d_o, d_p, d_l)
-    return (
-        xp.reshape(d_q, pb.q_shape),
-        xp.reshape(d_k, pb.k_shape),
-        xp.reshape(d_v, pb.v_shape),
-    )
+    return pb.gradients(d_q, d_k, d_v)
 
 
 scaled_dot_product_attention = Op(

@@ -350,11 +350,7 @@ def _linear_attention_bwd(
     else:
         d_q, d_k, d_v = _global_backward(xp, out, d_o, saved)
     # d_k, d_v: (B, Hkv, 1, n_k, ·), the GQA group's sum already taken
-    return (
-        xp.reshape(d_q, pb.q_shape),
-        xp.reshape(d_k, pb.k_shape),
-        xp.reshape(d_v, pb.v_shape),
-    )
+    return pb.gradients(d_q, d_k, d_v)
 
 
 def _global_backward(xp: Any, out: Array, d_o: Array, saved: Any) -> tuple[Array, Array, Array]:

@@ -668,14 +668,7 @@ def sdpa_forward(
     pattern = causal_pattern(is_causal, causal_alignment, pb.n_q, pb.n_k)
     plan = make_plan(pb, pattern, blocks)
     o, lse, weights = tiled_forward(pb, pattern, plan, want_weights=return_weights)
-    xp = pb.xp
-    extras = []
-    if weights is not None:
-        extras.append(xp.reshape(weights, pb.weights_shape))
-    if return_lse:
-        extras.append(xp.reshape(lse, pb.lse_shape))
-    out = xp.reshape(o, pb.out_shape)
-    result = (out, *extras) if extras else out
+    result = pb.result(o, weights, lse, return_lse=return_lse)
     return result, TiledResiduals(pb, pattern, plan, o, lse)
 
 
@@ -688,24 +681,8 @@ def sdpa_backward(
 ) -> tuple[Array, Array, Array]:
     """The tiled SDPA's VJP: ``(dq, dk, dv)`` in the user's shapes."""
     pb = residuals.pb
-    xp = pb.xp
-    cts = list(cotangent) if isinstance(cotangent, tuple) else [cotangent]
-    d_out = cts.pop(0)
-    d_w = cts.pop(0) if return_weights else None
-    d_lse = cts.pop(0) if return_lse else None
-    o, lse = residuals.o, residuals.lse
+    d_o, d_p, d_l = pb.cotangents(cotangent, return_weights=return_weights, return_lse=return_lse)
     d_q, d_k, d_v = tiled_backward(
-        pb,
-        residuals.pattern,
-        residuals.plan,
-        o,
-        lse,
-        None if d_out is None else xp.reshape(d_out, tuple(o.shape)),
-        None if d_w is None else xp.reshape(d_w, (*tuple(lse.shape), pb.n_k)),
-        None if d_lse is None else xp.reshape(d_lse, tuple(lse.shape)),
+        pb, residuals.pattern, residuals.plan, residuals.o, residuals.lse, d_o, d_p, d_l
     )
-    return (
-        xp.reshape(d_q, pb.q_shape),
-        xp.reshape(d_k, pb.k_shape),
-        xp.reshape(d_v, pb.v_shape),
-    )
+    return pb.gradients(d_q, d_k, d_v)

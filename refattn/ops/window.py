@@ -146,11 +146,7 @@ def _sliding_window_bwd(
     d_q, d_k, d_v = tiled_backward(
         pb, residuals.pattern, residuals.plan, o, residuals.lse, xp.reshape(d_out, o.shape)
     )
-    return (
-        xp.reshape(d_q, pb.q_shape),
-        xp.reshape(d_k, pb.k_shape),
-        xp.reshape(d_v, pb.v_shape),
-    )
+    return pb.gradients(d_q, d_k, d_v)
 
 
 sliding_window_attention = Op(

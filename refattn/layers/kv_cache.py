@@ -34,7 +34,7 @@ from .basic import (
     layer_norm_forward,
     resolve_dtype,
 )
-from .transformer import _check_keys
+from .transformer import _check_keys, check_self_attn_params
 
 __all__ = [
     "KVCache",
@@ -339,18 +339,7 @@ def transformer_encoder_layer_cached(
     check_input(op, xp, "x", x, min_ndim=2)
     _check_keys(op, params, ("self_attn", "norm1", "norm2", "linear1", "linear2"))
     d_model, t = int(x.shape[-1]), int(x.shape[-2])
-    heads = check_mha_params(
-        op,
-        xp,
-        params["self_attn"],
-        "self_attn",
-        d_model=d_model,
-        d_k=d_model,
-        d_v=d_model,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        dtype=x.dtype,
-    )
+    heads = check_self_attn_params(op, xp, params, d_model, n_heads, n_kv_heads, x.dtype)
     for key in ("norm1", "norm2"):
         check_norm(op, xp, params[key], key, d=d_model, dtype=x.dtype)
     check_feed_forward(op, xp, params, "", d_model=d_model, dtype=x.dtype)
@@ -429,18 +418,7 @@ def transformer_decoder_layer_cached(
     d_model, t = int(x.shape[-1]), int(x.shape[-2])
     lead = tuple(x.shape[:-2])
     dtype = x.dtype
-    heads = check_mha_params(
-        op,
-        xp,
-        params["self_attn"],
-        "self_attn",
-        d_model=d_model,
-        d_k=d_model,
-        d_v=d_model,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        dtype=dtype,
-    )
+    heads = check_self_attn_params(op, xp, params, d_model, n_heads, n_kv_heads, dtype)
     filled = memory_cache is not None and memory_cache.length > 0
     if memory is None and not filled:
         raise ValueError(f"refattn.{op}: memory is required unless memory_cache is filled")

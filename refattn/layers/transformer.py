@@ -140,6 +140,30 @@ def _self_attention_bwd(saved: Any, dy: Array) -> tuple[Params, Array]:
     return grads, dq + dk + dv
 
 
+def check_self_attn_params(
+    op: str,
+    xp: ModuleType,
+    params: Params,
+    d_model: int,
+    n_heads: int,
+    n_kv_heads: int | None,
+    dtype: Any,
+) -> Any:
+    """Check ``params["self_attn"]`` as a ``d_model``-wide self-attention; return its heads."""
+    return check_mha_params(
+        op,
+        xp,
+        get_subtree(op, params, "self_attn", ""),
+        "self_attn",
+        d_model=d_model,
+        d_k=d_model,
+        d_v=d_model,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        dtype=dtype,
+    )
+
+
 # ----------------------------------------------------------------------------- encoder
 
 
@@ -204,18 +228,7 @@ def _encoder_fwd(
     _check_keys(op, params, ("self_attn", "norm1", "norm2", "linear1", "linear2"))
     d_model, n = int(x.shape[-1]), int(x.shape[-2])
     dtype = x.dtype
-    heads = check_mha_params(
-        op,
-        xp,
-        get_subtree(op, params, "self_attn", ""),
-        "self_attn",
-        d_model=d_model,
-        d_k=d_model,
-        d_v=d_model,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        dtype=dtype,
-    )
+    heads = check_self_attn_params(op, xp, params, d_model, n_heads, n_kv_heads, dtype)
     for key in ("norm1", "norm2"):
         check_norm(op, xp, params[key], key, d=d_model, dtype=dtype)
     d_ff = check_feed_forward(op, xp, params, "", d_model=d_model, dtype=dtype)
@@ -444,18 +457,7 @@ def _decoder_fwd(
     )
     d_model, n_t, n_m = int(x.shape[-1]), int(x.shape[-2]), int(memory.shape[-2])
     dtype = x.dtype
-    heads = check_mha_params(
-        op,
-        xp,
-        params["self_attn"],
-        "self_attn",
-        d_model=d_model,
-        d_k=d_model,
-        d_v=d_model,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        dtype=dtype,
-    )
+    heads = check_self_attn_params(op, xp, params, d_model, n_heads, n_kv_heads, dtype)
     cross_heads = check_mha_params(
         op,
         xp,

@@ -245,6 +245,84 @@ def test_threads_lanes_and_head_chunks(monkeypatch):
     assert_agree(*run_both(xp, (q, k, v), options, block_size=(4, 5)))
 
 
+def _count_online_units(monkeypatch) -> list[int]:
+    """Count the units the online-softmax forward computes (those the bounded path declined)."""
+    calls = [0]
+    online = tiled._forward_unit
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return online(*args, **kwargs)
+
+    monkeypatch.setattr(tiled, "_forward_unit", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_bounded_forward_taken_on_ordinary_inputs(monkeypatch, dtype):
+    # unit-variance inputs: every unit takes the single-pass bounded-shift forward, and it
+    # gives what the materialized softmax gives
+    calls = _count_online_units(monkeypatch)
+    rng = np.random.default_rng(11)
+    q, k, v = (x.astype(dtype) for x in make_inputs(rng, (2, 3, 40, 8), n_k=37))
+    mask = rng.random((40, 37)) < 0.9
+    out, lse = sdpa(q, k, v, mask=mask, return_lse=True, implementation="tiled", block_size=16)
+    assert calls[0] == 0
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    ref, ref_lse = sdpa(q64, k64, v64, mask=mask, return_lse=True, implementation="materialized")
+    tol = 1e-13 if dtype == np.float64 else 2e-6
+    assert rel_err(out.astype(np.float64), ref) <= tol
+    assert rel_err(lse.astype(np.float64), ref_lse) <= tol
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_bounded_forward_declines_wide_gaps(monkeypatch, dtype):
+    # Each query is long and orthogonal to the longest key: the Cauchy-Schwarz bound
+    # scale |q| max|k| sits far above every actual score, so exp(S - bound) would underflow
+    # and the unit must go to the online softmax.
+    calls = _count_online_units(monkeypatch)
+    rng = np.random.default_rng(12)
+    d, n = 4, 24
+    q = np.zeros((1, 1, n, d))
+    q[..., 0] = 40.0
+    q[..., 1:3] = rng.standard_normal((n, 2))
+    k = rng.standard_normal((1, 1, n, d))
+    k[..., 0] = 0.1 * rng.standard_normal(n)
+    k[..., 0, :] = [0.0, 0.0, 0.0, 4000.0]  # the longest key, orthogonal to the queries
+    v = rng.standard_normal((1, 1, n, 3))
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    out, lse = sdpa(q, k, v, return_lse=True, implementation="tiled", block_size=8)
+    assert calls[0] == 3  # every row block
+    ref, ref_lse = sdpa(q, k, v, return_lse=True, implementation="materialized")
+    tol = 1e-13 if dtype == np.float64 else 1e-5
+    assert rel_err(out, ref) <= tol and rel_err(lse, ref_lse) <= tol
+
+
+def test_bounded_forward_declines_tiny_values(monkeypatch):
+    # max|V| below smallest_normal^(3/4): weights as small as exp(-G) times V would be
+    # subnormal, so the online softmax computes it, to full float32 relative accuracy
+    calls = _count_online_units(monkeypatch)
+    rng = np.random.default_rng(13)
+    q, k, v = make_inputs(rng, (1, 2, 20, 8))
+    v32 = (v * 1e-30).astype(np.float32)
+    out = sdpa(q.astype(np.float32), k.astype(np.float32), v32, implementation="tiled")
+    assert calls[0] > 0
+    ref = sdpa(q, k, v32.astype(np.float64), implementation="materialized")
+    assert rel_err(out.astype(np.float64), ref) <= 1e-6
+
+
+def test_bounded_forward_rows_without_keys():
+    # a fully masked row has l = 0: the unit is declined and the row gives 0 and lse = -inf
+    rng = np.random.default_rng(14)
+    q, k, v = make_inputs(rng, (1, 1, 12, 4), n_k=10)
+    mask = np.ones((12, 10), dtype=bool)
+    mask[3] = False
+    out, lse = sdpa(q, k, v, mask=mask, return_lse=True, implementation="tiled", block_size=4)
+    ref, ref_lse = sdpa(q, k, v, mask=mask, return_lse=True, implementation="materialized")
+    assert np.all(out[..., 3, :] == 0) and np.all(lse[..., 3] == -np.inf)
+    assert rel_err(out, ref) <= 1e-13 and rel_err(lse, ref_lse) <= 1e-13
+
+
 def test_float32_stays_float32():
     rng = np.random.default_rng(4)
     q, k, v = make_inputs(rng, (2, 2, 20, 8), n_k=17)

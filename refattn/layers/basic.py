@@ -27,7 +27,14 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from .._backend import check_floating, default_namespace, describe, floating_dtype, namespace
+from .._backend import (
+    check_floating,
+    default_namespace,
+    describe,
+    floating_dtype,
+    matmul,
+    namespace,
+)
 from .._op import Op
 
 __all__ = [
@@ -189,9 +196,9 @@ def affine_forward(xp: ModuleType, params: Params, x: Array) -> Array:
     """``x @ weight + bias`` over any leading axes, as one GEMM on the ``(M, d_in)`` view."""
     weight = params["weight"]
     lead = tuple(x.shape[:-1])
-    y = xp.reshape(x, (-1, x.shape[-1])) @ weight
+    y = matmul(xp, xp.reshape(x, (-1, x.shape[-1])), weight)
     if "bias" in params:
-        y = y + params["bias"]
+        y += params["bias"]  # y is the GEMM's own array
     return xp.reshape(y, (*lead, weight.shape[1]))
 
 
@@ -203,10 +210,12 @@ def affine_backward(
     d_in, d_out = weight.shape
     x2 = xp.reshape(x, (-1, d_in))
     dy2 = xp.reshape(dy, (-1, d_out))
-    grads: Params = {"weight": xp.matrix_transpose(x2) @ dy2}
+    grads: Params = {"weight": matmul(xp, xp.matrix_transpose(x2), dy2)}
     if "bias" in params:
         grads["bias"] = xp.sum(dy2, axis=0)
-    dx = xp.reshape(dy2 @ xp.matrix_transpose(weight), tuple(x.shape)) if need_dx else None
+    dx = None
+    if need_dx:
+        dx = xp.reshape(matmul(xp, dy2, xp.matrix_transpose(weight)), tuple(x.shape))
     return grads, dx
 
 
@@ -264,13 +273,13 @@ def layer_norm_forward(
 ) -> tuple[Array, tuple[Array, Array]]:
     """``(y, (x_hat, rstd))`` of :func:`_layer_norm_fwd` (no validation)."""
     mu = xp.mean(x, axis=-1, keepdims=True)
-    xc = x - mu
-    var = xp.mean(xc * xc, axis=-1, keepdims=True)
+    x_hat = x - mu
+    var = xp.vecdot(x_hat, x_hat, axis=-1)[..., None] / x.shape[-1]
     rstd = 1.0 / xp.sqrt(var + eps)
-    x_hat = xc * rstd
+    x_hat *= rstd  # x_hat is x - mu, our own array
     y = x_hat * params["weight"]
     if "bias" in params:
-        y = y + params["bias"]
+        y += params["bias"]
     return y, (x_hat, rstd)
 
 

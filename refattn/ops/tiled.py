@@ -45,10 +45,12 @@ mask needed) or partial (a ``block_q x block_k`` keep-mask is built from two ``a
 attention thus visits about half the tiles, and a sliding window ``O(n w / b^2)`` of them.
 
 Parallelism. Forward units are independent (``parallel_map``). In the backward, ``dQ`` rows
-belong to one unit, while ``dK, dV`` sum over units: there is one *lane* per thread, taking units
-from a shared queue, largest first (which balances causal work), and accumulating into its own
-``dK, dV`` buffers, summed at the end. Memory beyond inputs and outputs: per thread a few
-tiles, plus one ``dK, dV``-sized buffer per extra lane.
+belong to one unit, while ``dK, dV`` sum over units: there is one *lane* per thread, taking work
+from a shared queue. With at least two head chunks per lane, a lane takes whole head chunks, and
+lanes write disjoint heads of ``dK, dV``. Otherwise lanes take units, largest first (which
+balances causal work), each accumulating into its own ``dK, dV`` buffers, summed at the end.
+Memory beyond inputs and outputs: per thread a few tiles, plus in the second case one
+``dK, dV``-sized buffer per extra lane.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._backend import device_of, exp_inplace, n_threads, parallel_map
+from .._backend import all_true, device_of, exp_inplace, n_threads, parallel_map
 from .attention import Problem, prepare
 
 __all__ = [
@@ -217,6 +219,19 @@ class Plan:
         return [(hc, ri) for hc in self.heads for ri in order]
 
     score_bytes: int = 0  # scores computed by one pass over all tiles, in bytes
+
+    def work(self, n_lanes: int) -> list[tuple[Heads | None, list[tuple[Heads, int]]]]:
+        """Work items ``(chunk, units)`` for ``n_lanes`` threads.
+
+        With at least two head chunks per lane, an item is a whole head chunk (``chunk`` is its
+        :class:`Heads`): what depends on the heads only (augmented keys) is prepared once per
+        item, and items write disjoint heads of ``dK, dV``. Otherwise an item is one unit
+        (``chunk`` None), in :attr:`units` order.
+        """
+        units = self.units
+        if len(self.heads) >= 2 * n_lanes:
+            return [(hc, [u for u in units if u[0] is hc]) for hc in self.heads]
+        return [(None, [u]) for u in units]
 
     @property
     def n_tiles(self) -> int:
@@ -397,25 +412,110 @@ def tiled_forward(
     ``O (B, Hkv, g, n_q, d_v)``, ``lse (B, Hkv, g, n_q)`` (``-inf`` for rows with no visible
     key), and, only when ``want_weights``, ``P (B, Hkv, g, n_q, n_k)`` (before dropout),
     filled tile by tile from the final LSE.
+
+    Without bias, dropout or requested weights, each unit first tries the single-pass
+    :func:`_forward_unit_bounded`; units it declines are computed by the online softmax
+    (:func:`_forward_unit`).
     """
     xp = pb.xp
     b, h_kv, g, n_q, _ = pb.q.shape
     dtype, device = pb.q.dtype, device_of(pb.q)
-    o = xp.zeros((b, h_kv, g, n_q, pb.v.shape[-1]), dtype=dtype, device=device)
+    if pb.v.shape[-1] == pb.q.shape[-1]:
+        o = xp.zeros_like(pb.q)  # NumPy and CuPy keep q's memory layout (e.g. heads inner)
+    else:
+        o = xp.zeros((b, h_kv, g, n_q, pb.v.shape[-1]), dtype=dtype, device=device)
     lse = xp.full((b, h_kv, g, n_q), -math.inf, dtype=dtype, device=device)
     weights = None
     if want_weights:
         weights = xp.zeros((b, h_kv, g, n_q, pb.n_k), dtype=dtype, device=device)
+    fast = pb.bias is None and pb.drop is None and not want_weights
+    n_lanes = n_threads() if _is_threaded(xp) and not plan.small else 1
+    items = plan.work(n_lanes)
+    shared = BoundedKeys.of(pb) if fast and items and items[0][0] is None else None
 
-    def unit(item: tuple[Heads, int]) -> None:
-        hc, ri = item
-        r0, r1 = plan.rows[ri]
-        o_u, lse_u = _forward_unit(pb, pattern, plan.visible[ri], hc, r0, r1, weights)
-        o[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = o_u
-        lse[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1] = lse_u
+    def run(item: tuple[Heads | None, list[tuple[Heads, int]]]) -> None:
+        chunk, units = item
+        keys = None
+        if fast:
+            keys = shared if chunk is None else BoundedKeys.of(pb, chunk)
+        for hc, ri in units:
+            r0, r1 = plan.rows[ri]
+            tiles = plan.visible[ri]
+            result = None
+            if keys is not None:
+                result = _forward_unit_bounded(pb, pattern, tiles, hc, r0, r1, keys)
+            if result is None:
+                result = _forward_unit(pb, pattern, tiles, hc, r0, r1, weights)
+            o[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = result[0]
+            lse[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1] = result[1]
 
-    _run(xp, unit, plan.units, serial=plan.small)
+    _run(xp, run, items, serial=n_lanes == 1)
     return o, lse, weights
+
+
+def _append_column(xp: Any, x: Array, column: Array | None = None) -> Array:
+    """``[x, column]`` along the last axis; ``column`` defaults to ones."""
+    if column is None:
+        column = xp.ones((*x.shape[:-1], 1), dtype=x.dtype, device=device_of(x))
+    return xp.concat([x, column], axis=-1)
+
+
+@dataclass
+class _ChunkKeys:
+    """Arrays of one head chunk (``chunk``), or of all heads (``chunk`` None)."""
+
+    chunk: Heads | None
+
+    def heads(self, x: Array, hc: Heads) -> Array:
+        """Heads ``hc`` of ``x`` (``x`` itself when it was built for that chunk)."""
+        return x if self.chunk is not None else _kv(x, hc)
+
+
+@dataclass
+class BoundedKeys(_ChunkKeys):
+    r"""Keys and values prepared for :func:`_forward_unit_bounded`.
+
+    Attributes
+    ----------
+    k : (b, h, n_k, d_k + 1)
+        ``[K, 1]``: a query row ``[scale q, -b]`` against it gives ``scale q.k - b``.
+    v : (b, h, n_k, d_v + 1)
+        ``[V, 1]``: the weights against it give ``e V`` and, in the last column, ``rowsum(e)``.
+    k_norm : (b, h, 1, 1, 1)
+        ``scale * max_j |k_j|`` per head.
+    min_total : float
+        Smallest accepted row sum, ``n_k * exp(-gap)``; see :func:`_forward_unit_bounded`.
+    """
+
+    k: Array
+    v: Array
+    k_norm: Array
+    min_total: float
+
+    @classmethod
+    def of(cls, pb: Problem, chunk: Heads | None = None) -> BoundedKeys | None:
+        """The prepared keys of heads ``chunk`` (all heads if None), or None to decline.
+
+        Declined when there are no keys, or when ``max |V| < smallest_normal^(3/4)``: products
+        of weights as small as ``exp(-G) = smallest_normal^(-1/4)`` with such values would be
+        subnormal (also declined: non-finite values).
+        """
+        xp = pb.xp
+        if pb.n_k == 0:
+            return None
+        k = pb.k if chunk is None else _kv(pb.k, chunk)
+        v = pb.v if chunk is None else _kv(pb.v, chunk)
+        tiny = float(xp.finfo(pb.q.dtype).smallest_normal)
+        if not all_true(xp, xp.max(xp.abs(v)) >= tiny**0.75):
+            return None
+        k_norm = xp.max(xp.linalg.vector_norm(k, axis=-1), axis=-1) * pb.scale  # (b, h)
+        return cls(
+            chunk=chunk,
+            k=_append_column(xp, k),
+            v=_append_column(xp, v),
+            k_norm=xp.reshape(k_norm, (*k_norm.shape, 1, 1, 1)),
+            min_total=pb.n_k * tiny**0.25,  # n_k exp(-G), G = -log(smallest_normal) / 4
+        )
 
 
 def _forward_unit(
@@ -459,6 +559,64 @@ def _forward_unit(
     if weights is not None:
         _fill_weights(pb, pattern, tiles, hc, r0, r1, q_scaled, k, g, lse, weights)
     return o, lse[..., 0]
+
+
+def _forward_unit_bounded(
+    pb: Problem,
+    pattern: Pattern | None,
+    tiles: list[tuple[int, int, bool]],
+    hc: Heads,
+    r0: int,
+    r1: int,
+    keys: BoundedKeys,
+) -> tuple[Array, Array] | None:
+    r"""Rows ``r0:r1`` of heads ``hc`` in one pass with a fixed shift, or None to decline.
+
+    By Cauchy-Schwarz, :math:`b_i = \mathrm{scale}\,|q_i| \max_j |k_j|` bounds every score of
+    row ``i`` from above, so ``e = exp(S - b) <= 1`` never overflows and needs no running max.
+    The shift is folded into the first GEMM and the row sum into the second:
+
+    .. math::
+
+        [\mathrm{scale}\,Q,\ -b]\,[K,\ 1]^\top = S - b, \qquad
+        e\,[V,\ 1] = [\,e V,\ \ell\,],
+
+    leaving one elementwise pass (the ``exp``) per tile. Then ``O = eV / l`` and
+    ``lse = b + log l``, the same quantities as the online softmax, since any shift cancels.
+
+    The bound may exceed the true row max ``m`` by a wide margin, and weights scaled by
+    ``exp(m - b)`` lose precision once they approach the smallest normal number. The unit is
+    accepted only if every row has ``l >= n_k exp(-G)``, which ensures ``exp(m - b) >= exp(-G)``
+    (``l <= n_k exp(m - b)``), with ``G = -log(smallest_normal) / 4`` (21.8 in float32, 177 in
+    float64): three quarters of the exponent range stay below the largest weight, for the
+    other weights and their products with ``V`` (:meth:`BoundedKeys.of` declines ``V`` too
+    small for that). A subnormal contribution then errs by at most half its spacing,
+    ``smallest_normal * eps / 2``, so after the division by ``l`` each of the ``n_k`` terms of
+    ``O`` errs by at most ``smallest_normal^(3/4) eps / 2 <= eps max|V| / 2``. Otherwise (wide
+    gaps, rows with no visible key, non-finite inputs) it returns None and the online softmax
+    computes the unit. With unit-variance random inputs the gap ``b - m`` is a few units, far
+    inside the limit; it grows with the norms of queries and keys that point apart.
+    """
+    xp = pb.xp
+    q = pb.q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :]
+    g = int(q.shape[2])
+    bound = xp.linalg.vector_norm(q, axis=-1, keepdims=True) * keys.heads(keys.k_norm, hc)
+    q_shifted = _merge(xp, _append_column(xp, q * pb.scale, -bound))
+    k, v = keys.heads(keys.k, hc), keys.heads(keys.v, hc)
+    acc = None
+    for c0, c1, full in tiles:
+        e = exp_inplace(xp, _scores(pb, pattern, hc, q_shifted, k, g, r0, r1, c0, c1, full))
+        part = _split(xp, _merge(xp, e) @ v[:, :, c0:c1, :], g)
+        if acc is None:
+            acc = part
+        else:
+            acc += part
+    if acc is None:
+        return None
+    total = acc[..., -1:]
+    if not all_true(xp, total >= keys.min_total):  # also False for NaN
+        return None
+    return acc[..., :-1] / total, (bound + xp.log(total))[..., 0]
 
 
 def _fill_weights(
@@ -508,12 +666,15 @@ def tiled_backward(
     d_v = xp.zeros_like(pb.v)
     if d_o is None and d_w is None and d_lse is None:
         return d_q, d_k, d_v
-    units = plan.units
     threaded = _is_threaded(xp) and not plan.small
-    n_lanes = max(1, min(n_threads(), len(units))) if threaded else 1
-    lanes = [(d_k, d_v)] + [(xp.zeros_like(pb.k), xp.zeros_like(pb.v)) for _ in range(n_lanes - 1)]
-
-    queue = iter(units)
+    n_lanes = max(1, min(n_threads(), len(plan.units))) if threaded else 1
+    items = plan.work(n_lanes)
+    lanes = [(d_k, d_v)] * n_lanes
+    shared = None
+    if items and items[0][0] is None:  # lanes take single units: private dK, dV per lane
+        lanes[1:] = [(xp.zeros_like(pb.k), xp.zeros_like(pb.v)) for _ in range(n_lanes - 1)]
+        shared = AugmentedKeys.of(pb, with_v=d_o is not None)
+    queue = iter(items)
     lock = threading.Lock()
 
     def lane(t: int) -> None:
@@ -523,17 +684,21 @@ def tiled_backward(
                 item = next(queue, None)
             if item is None:
                 return
-            hc, ri = item
-            r0, r1 = plan.rows[ri]
-            dq_u = _backward_unit(
-                pb, pattern, plan.visible[ri], hc, r0, r1, o, lse, d_o, d_w, d_lse, lane_dk, lane_dv
-            )
-            d_q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = dq_u
+            chunk, units = item
+            keys = shared if chunk is None else AugmentedKeys.of(pb, d_o is not None, chunk)
+            for hc, ri in units:
+                r0, r1 = plan.rows[ri]
+                tiles = plan.visible[ri]
+                dq_u = _backward_unit(
+                    pb, pattern, tiles, hc, r0, r1, o, lse, d_o, d_w, d_lse, lane_dk, lane_dv, keys
+                )
+                d_q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = dq_u
 
     _run(xp, lane, range(n_lanes), serial=n_lanes == 1)
     for lane_dk, lane_dv in lanes[1:]:
-        d_k += lane_dk
-        d_v += lane_dv
+        if lane_dk is not d_k:
+            d_k += lane_dk
+            d_v += lane_dv
     return d_q, d_k, d_v
 
 
@@ -551,8 +716,19 @@ def _backward_unit(
     d_lse: Array | None,
     d_k: Array,
     d_v: Array,
+    keys: AugmentedKeys,
 ) -> Array:
-    """Rows ``r0:r1`` of heads ``hc``: returns their ``dQ``, adds into ``d_k``, ``d_v``.
+    r"""Rows ``r0:r1`` of heads ``hc``: returns their ``dQ``, adds into ``d_k``, ``d_v``.
+
+    The per-row constants are folded into the GEMMs as an extra column (:class:`AugmentedKeys`):
+
+    .. math::
+
+        [\mathrm{scale}\,Q,\ -\mathrm{lse}]\,[K,\ 1]^\top = S - \mathrm{lse}, \qquad
+        [dO,\ -c]\,[V,\ 1]^\top = dO\,V^\top - c,
+
+    so a tile costs two elementwise passes (``exp`` and the product ``P o (dP - c)``) besides
+    its four GEMMs. With dropout, ``dP = (dO V^T) o D`` and ``c`` is subtracted separately.
 
     ``d_k`` and ``d_v`` are updated by ``__setitem__`` on the whole array (not through a view),
     which is portable across array-API backends.
@@ -561,40 +737,44 @@ def _backward_unit(
     rows = (slice(hc.b0, hc.b1), slice(hc.h0, hc.h1), slice(None), slice(r0, r1), ...)
     q = pb.q[rows]
     g = int(q.shape[2])
-    q_scaled = _merge(xp, q * pb.scale)
-    k, v = _kv(pb.k, hc), _kv(pb.v, hc)
     lse_u = lse[rows][..., None]
     lse_safe = xp.where(xp.isfinite(lse_u), lse_u, xp.zeros_like(lse_u))
+    q_shifted = _merge(xp, _append_column(xp, q * pb.scale, -lse_safe))
+    q_scaled = q_shifted[..., :-1]
+    k, k_aug = _kv(pb.k, hc), keys.heads(keys.k, hc)
     # the per-row constant c = Delta - dlse (+ rowsum(P o dW)), computed before the tile loop
     c = xp.zeros_like(lse_u)
-    d_o_m = None
     if d_o is not None:
-        d_o_u = d_o[rows]
-        c = c + xp.sum(d_o_u * o[rows], axis=-1, keepdims=True)
-        d_o_m = _merge(xp, d_o_u)
+        c = c + xp.sum(d_o[rows] * o[rows], axis=-1, keepdims=True)
     if d_lse is not None:
         c = c - d_lse[rows][..., None]
     d_w_u = None if d_w is None else d_w[rows]
     if d_w_u is not None:
         for c0, c1, full in tiles:  # extra pass: rowsum(P o dW) needs the whole row
-            s = _scores(pb, pattern, hc, q_scaled, k, g, r0, r1, c0, c1, full)
-            s -= lse_safe
+            s = _scores(pb, pattern, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full)
             c = c + xp.sum(exp_inplace(xp, s) * d_w_u[..., c0:c1], axis=-1, keepdims=True)
+    d_o_m = d_o_shifted = None
+    if d_o is not None:
+        d_o_m = _merge(xp, d_o[rows])
+        if keys.v is not None:
+            d_o_shifted = _merge(xp, _append_column(xp, d_o[rows], -c))
     d_q = xp.zeros(tuple(q_scaled.shape), dtype=q.dtype, device=device_of(q))
     for c0, c1, full in tiles:
-        s = _scores(pb, pattern, hc, q_scaled, k, g, r0, r1, c0, c1, full)
-        s -= lse_safe
-        p = exp_inplace(xp, s)
+        p = exp_inplace(xp, _scores(pb, pattern, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full))
         drop = _tile(pb.drop, hc, r0, r1, c0, c1)
         if d_o_m is not None:
             p_drop = p if drop is None else p * drop
             d_v[rows[0], rows[1], c0:c1, :] += xp.matrix_transpose(_merge(xp, p_drop)) @ d_o_m
-            d_p = _split(xp, d_o_m @ xp.matrix_transpose(v[:, :, c0:c1, :]), g)
-            if drop is not None:
+            if d_o_shifted is not None:  # no dropout: dO V^T - c in one GEMM
+                d_p = _split(
+                    xp, d_o_shifted @ xp.matrix_transpose(keys.heads(keys.v, hc)[:, :, c0:c1, :]), g
+                )
+            else:
+                d_p = _split(xp, d_o_m @ xp.matrix_transpose(_kv(pb.v, hc)[:, :, c0:c1, :]), g)
                 d_p *= drop
+                d_p -= c
             if d_w_u is not None:
                 d_p += d_w_u[..., c0:c1]
-            d_p -= c
             d_p *= p  # d_p is this tile's own array: dS = P o (dP - c) in place
             d_s = _merge(xp, d_p)
         else:
@@ -603,6 +783,22 @@ def _backward_unit(
         d_q += d_s @ k[:, :, c0:c1, :]
         d_k[rows[0], rows[1], c0:c1, :] += xp.matrix_transpose(d_s) @ q_scaled
     return _split(xp, d_q, g) * pb.scale
+
+
+@dataclass
+class AugmentedKeys(_ChunkKeys):
+    """``[K, 1]`` and, without dropout, ``[V, 1]`` (else None) for :func:`_backward_unit`."""
+
+    k: Array
+    v: Array | None
+
+    @classmethod
+    def of(cls, pb: Problem, with_v: bool, chunk: Heads | None = None) -> AugmentedKeys:
+        k = pb.k if chunk is None else _kv(pb.k, chunk)
+        v = None
+        if with_v and pb.drop is None:
+            v = _append_column(pb.xp, pb.v if chunk is None else _kv(pb.v, chunk))
+        return cls(chunk, _append_column(pb.xp, k), v)
 
 
 # ----------------------------------------------------------------------------- SDPA

@@ -1,0 +1,83 @@
+"""The backend helpers: the pooled GEMM and the thread pool's nesting rule."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from refattn import _backend
+from refattn._backend import default_namespace, matmul, parallel_map
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Force the split paths: two pool threads, and no size threshold."""
+    monkeypatch.setattr(_backend, "n_threads", lambda: 2)
+    monkeypatch.setattr(_backend, "_SPLIT_GEMM_MACS", 0)
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n"),
+    [
+        (37, 11, 5),  # more rows than columns: row blocks of a
+        (5, 11, 37),  # more columns: column blocks of b, written into column slices of out
+        (6, 41, 7),  # reduction-dominated (x^T dy): k split, partial products added
+        (1, 3, 1),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matmul_equals_the_product(two_threads, m, k, n, dtype):
+    xp = default_namespace()
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    out = matmul(xp, a, b)
+    assert out.dtype == dtype and out.shape == (m, n)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    tol = 1e-13 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+def test_matmul_on_strided_views(two_threads):
+    # the layers call it on transposed views (x^T dy, dy W^T)
+    xp = default_namespace()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 8))
+    w = rng.standard_normal((9, 8))
+    np.testing.assert_allclose(matmul(xp, x.T, x), x.T @ x, rtol=1e-13)
+    np.testing.assert_allclose(matmul(xp, x, w.T), x @ w.T, rtol=1e-13)
+
+
+def test_matmul_runs_on_the_pool(two_threads, monkeypatch):
+    # the split products run on refattn's pool threads, with BLAS held to one thread
+    names = []
+    real = _backend.parallel_map
+
+    def spy(xp, fn, items):
+        def record(item):
+            names.append(threading.current_thread().name)
+            return fn(item)
+
+        return real(xp, record, items)
+
+    monkeypatch.setattr(_backend, "parallel_map", spy)
+    xp = default_namespace()
+    a = np.ones((64, 4))
+    matmul(xp, a, a.T)
+    assert len(names) == 2 and all(name.startswith("refattn-pool") for name in names)
+
+
+def test_nested_parallel_map_runs_serially(two_threads):
+    # a pool thread calling parallel_map again must not wait on its own pool (deadlock)
+    xp = default_namespace()
+
+    def inner(i):
+        return parallel_map(xp, lambda j: (threading.current_thread().name, i * 10 + j), [0, 1])
+
+    results = parallel_map(xp, inner, [0, 1, 2, 3])
+    flat = [r for part in results for r in part]
+    assert [value for _, value in flat] == [0, 1, 10, 11, 20, 21, 30, 31]
+    for part in results:  # the inner items ran on the thread that called parallel_map
+        assert part[0][0] == part[1][0]

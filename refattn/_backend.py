@@ -12,6 +12,7 @@ the standard (array-api-strict). ``scipy.sparse`` is not covered by the array AP
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -154,6 +155,11 @@ def parallel_map(xp: ModuleType, fn: Callable[[T], R], items: Sequence[T] | Iter
     (threadpoolctl), so that two blocks' GEMMs do not fight over the same cores. Other backends
     run serially: CuPy already runs in parallel on the device, and array-api-strict is for
     checking, not speed.
+
+    The calling thread works too: it and up to ``n_threads() - 1`` pool threads take the items
+    in order from a shared counter, so a call wakes one thread fewer (on a 2-core VM a sleeping
+    thread's wake-up is a visible share of a millisecond-sized call). A call made while one of
+    these threads is running an item runs serially, so nesting never waits on the pool.
     """
     items = list(items)
     if len(items) <= 1 or not is_numpy_namespace(xp) or n_threads() == 1 or _in_pool():
@@ -161,13 +167,35 @@ def parallel_map(xp: ModuleType, fn: Callable[[T], R], items: Sequence[T] | Iter
     controller = _blas_controller()
     if controller is None:  # threadpoolctl missing: let BLAS use the cores instead
         return [fn(i) for i in items]
+    results: list[Any] = [None] * len(items)
+    counter = itertools.count()  # next() on a count is atomic under the GIL
+
+    def work() -> None:
+        _WORKING.active = True
+        try:
+            for i in iter(lambda: next(counter), None):
+                if i >= len(items):
+                    return
+                results[i] = fn(items[i])
+        finally:
+            _WORKING.active = False
+
     with controller.limit(limits=1, user_api="blas"):
-        return list(_pool().map(fn, items))
+        helpers = [_pool().submit(work) for _ in range(min(n_threads(), len(items)) - 1)]
+        try:
+            work()
+        finally:
+            for helper in helpers:  # wait for all before leaving (and re-raise their errors)
+                helper.result()
+    return results
+
+
+_WORKING = threading.local()
 
 
 def _in_pool() -> bool:
-    """Whether this is one of the pool's threads (nested calls run serially: no deadlock)."""
-    return threading.current_thread().name.startswith(_THREAD_PREFIX)
+    """Whether this thread is running an item of :func:`parallel_map` (then nest serially)."""
+    return getattr(_WORKING, "active", False)
 
 
 _CONTROLLER: Any = None

@@ -85,6 +85,8 @@ Array = Any
 DEFAULT_BLOCK = 512
 #: largest tile (all heads of a unit) in bytes; units take as many heads as fit
 _TILE_BYTES = 2 * 2**20
+#: ``K`` and ``V`` up to this many bytes are augmented once per call, larger ones per head chunk
+_SHARED_KEY_BYTES = 4 * 2**20
 #: calls whose scores take fewer bytes than this run serially (threads would cost more)
 _SERIAL_BYTES = 2**20
 
@@ -431,13 +433,14 @@ def tiled_forward(
     fast = pb.bias is None and pb.drop is None and not want_weights
     n_lanes = n_threads() if _is_threaded(xp) and not plan.small else 1
     items = plan.work(n_lanes)
-    shared = BoundedKeys.of(pb) if fast and items and items[0][0] is None else None
+    share = fast and _share_keys(pb, items)
+    shared = BoundedKeys.of(pb) if share else None
 
     def run(item: tuple[Heads | None, list[tuple[Heads, int]]]) -> None:
         chunk, units = item
         keys = None
         if fast:
-            keys = shared if chunk is None else BoundedKeys.of(pb, chunk)
+            keys = shared if share else BoundedKeys.of(pb, chunk)
         for hc, ri in units:
             r0, r1 = plan.rows[ri]
             tiles = plan.visible[ri]
@@ -451,6 +454,20 @@ def tiled_forward(
 
     _run(xp, run, items, serial=n_lanes == 1)
     return o, lse, weights
+
+
+def _share_keys(pb: Problem, items: list[tuple[Heads | None, Any]]) -> bool:
+    """Whether to augment the keys once for all work items, rather than once per head chunk.
+
+    Once, when items are single units (they share heads), or when ``K`` and ``V`` are small:
+    one vectorized call costs less than one per chunk. Per chunk for large inputs: the
+    augmented copies then stay chunk-sized (no large fresh allocation, no page faults).
+    """
+    if not items or items[0][0] is None:
+        return True
+    itemsize = 4 if pb.q.dtype == pb.xp.float32 else 8
+    n_bytes = itemsize * (math.prod(pb.k.shape) + math.prod(pb.v.shape))
+    return n_bytes <= _SHARED_KEY_BYTES
 
 
 def _append_column(xp: Any, x: Array, column: Array | None = None) -> Array:
@@ -508,7 +525,7 @@ class BoundedKeys(_ChunkKeys):
         tiny = float(xp.finfo(pb.q.dtype).smallest_normal)
         if not all_true(xp, xp.max(xp.abs(v)) >= tiny**0.75):
             return None
-        k_norm = xp.max(xp.linalg.vector_norm(k, axis=-1), axis=-1) * pb.scale  # (b, h)
+        k_norm = xp.sqrt(xp.max(xp.vecdot(k, k, axis=-1), axis=-1)) * pb.scale  # (b, h)
         return cls(
             chunk=chunk,
             k=_append_column(xp, k),
@@ -600,7 +617,7 @@ def _forward_unit_bounded(
     xp = pb.xp
     q = pb.q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :]
     g = int(q.shape[2])
-    bound = xp.linalg.vector_norm(q, axis=-1, keepdims=True) * keys.heads(keys.k_norm, hc)
+    bound = xp.sqrt(xp.vecdot(q, q, axis=-1))[..., None] * keys.heads(keys.k_norm, hc)
     q_shifted = _merge(xp, _append_column(xp, q * pb.scale, -bound))
     k, v = keys.heads(keys.k, hc), keys.heads(keys.v, hc)
     acc = None
@@ -670,10 +687,10 @@ def tiled_backward(
     n_lanes = max(1, min(n_threads(), len(plan.units))) if threaded else 1
     items = plan.work(n_lanes)
     lanes = [(d_k, d_v)] * n_lanes
-    shared = None
     if items and items[0][0] is None:  # lanes take single units: private dK, dV per lane
         lanes[1:] = [(xp.zeros_like(pb.k), xp.zeros_like(pb.v)) for _ in range(n_lanes - 1)]
-        shared = AugmentedKeys.of(pb, with_v=d_o is not None)
+    share = _share_keys(pb, items)
+    shared = AugmentedKeys.of(pb, with_v=d_o is not None) if share else None
     queue = iter(items)
     lock = threading.Lock()
 
@@ -685,7 +702,7 @@ def tiled_backward(
             if item is None:
                 return
             chunk, units = item
-            keys = shared if chunk is None else AugmentedKeys.of(pb, d_o is not None, chunk)
+            keys = shared if share else AugmentedKeys.of(pb, d_o is not None, chunk)
             for hc, ri in units:
                 r0, r1 = plan.rows[ri]
                 tiles = plan.visible[ri]

@@ -295,16 +295,21 @@ def mha_backward(
     # un-merge the heads: (*lead, n_q, H * hd) -> (*lead, H, n_q, hd), a strided view
     d_o = split_heads(xp, d_om, saved.n_heads, saved.head_dim)
     cotangent = (d_o, d_weights) if saved.sdpa_options["return_weights"] else d_o
-    d_q, d_k, d_v = _sdpa.backward(saved.sdpa_saved, cotangent, **saved.sdpa_options)
-    # projections Q = x_q W_q + b_q etc.: merge the heads' gradients back into columns
-    g_q, dquery = affine_backward(
-        xp, params["query"], saved.query, merge_heads(xp, d_q, saved.lead)
-    )
-    g_k, dkey = affine_backward(xp, params["key"], saved.key, merge_heads(xp, d_k, saved.lead))
-    g_v, dvalue = affine_backward(
-        xp, params["value"], saved.value, merge_heads(xp, d_v, saved.lead)
-    )
-    return {"query": g_q, "key": g_k, "value": g_v, "out": g_out}, dquery, dkey, dvalue
+    del d_om, d_o  # (the cotangent keeps them while needed)
+    d_qkv = list(_sdpa.backward(saved.sdpa_saved, cotangent, **saved.sdpa_options))
+    del cotangent
+    # projections Q = x_q W_q + b_q etc.: merge the heads' gradients back into columns. Each
+    # head gradient is dropped as soon as it is used, so that the next input gradient reuses its
+    # memory (fewer fresh pages: on the 2-core VM each page fault costs microseconds).
+    grads, d_inputs = {}, []
+    for i, name in enumerate(("query", "key", "value")):
+        d_heads = merge_heads(xp, d_qkv[i], saved.lead)
+        d_qkv[i] = None
+        grads[name], d_x = affine_backward(xp, params[name], getattr(saved, name), d_heads)
+        del d_heads
+        d_inputs.append(d_x)
+    grads["out"] = g_out
+    return grads, *d_inputs
 
 
 # ----------------------------------------------------------------------------- the op

@@ -137,7 +137,9 @@ def _self_attention_fwd(
 def _self_attention_bwd(saved: Any, dy: Array) -> tuple[Params, Array]:
     """Self-attention used its input three times: the input gradient is the sum of the three."""
     grads, dq, dk, dv = mha_backward(saved, dy)
-    return grads, dq + dk + dv
+    dq += dk  # dq is mha_backward's own fresh array
+    dq += dv
+    return grads, dq
 
 
 def check_self_attn_params(

@@ -523,7 +523,8 @@ class BoundedKeys(_ChunkKeys):
         k = pb.k if chunk is None else _kv(pb.k, chunk)
         v = pb.v if chunk is None else _kv(pb.v, chunk)
         tiny = float(xp.finfo(pb.q.dtype).smallest_normal)
-        if not all_true(xp, xp.max(xp.abs(v)) >= tiny**0.75):
+        v_max = xp.maximum(xp.max(v), -xp.min(v))  # max |V| without an |V| temporary
+        if not all_true(xp, v_max >= tiny**0.75):
             return None
         k_norm = xp.sqrt(xp.max(xp.vecdot(k, k, axis=-1), axis=-1)) * pb.scale  # (b, h)
         return cls(

@@ -56,6 +56,7 @@ Memory beyond inputs and outputs: per thread a few tiles, plus in the second cas
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import threading
@@ -142,7 +143,16 @@ class Pattern:
         return _PARTIAL
 
     def keep(self, xp: Any, r0: int, r1: int, c0: int, c1: int, device: Any) -> Array:
-        """The ``(r1 - r0, c1 - c0)`` boolean keep-mask of one tile."""
+        """The ``(r1 - r0, c1 - c0)`` boolean keep-mask of one tile (read-only: it may be cached).
+
+        Without global tokens the mask depends on ``i - j`` only, so the tiles along one
+        diagonal (all causal diagonal tiles, say) share one cached mask.
+        """
+        if self.n_global == 0:
+            return _relative_keep(self, xp, r1 - r0, c1 - c0, r0 - c0, device)
+        return self._keep(xp, r0, r1, c0, c1, device)
+
+    def _keep(self, xp: Any, r0: int, r1: int, c0: int, c1: int, device: Any) -> Array:
         i = xp.arange(r0, r1, device=device)[:, None]
         j = xp.arange(c0, c1, device=device)[None, :]
         keep = xp.ones((r1 - r0, c1 - c0), dtype=xp.bool, device=device)
@@ -164,6 +174,14 @@ class Pattern:
         lo_band = 0 if self.left is None else max(0, r0 - self.left)
         hi_band = hi if self.right is None else min(hi, r1 + self.right)
         return [(0, min(self.n_global, hi)), (lo_band, hi_band)]
+
+
+@functools.lru_cache(maxsize=16)
+def _relative_keep(
+    pattern: Pattern, xp: Any, rows: int, cols: int, offset: int, device: Any
+) -> Array:
+    """:meth:`Pattern.keep` of a tile whose first row is ``offset`` past its first column."""
+    return pattern._keep(xp, offset, offset + rows, 0, cols, device)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -415,9 +433,8 @@ def tiled_forward(
     key), and, only when ``want_weights``, ``P (B, Hkv, g, n_q, n_k)`` (before dropout),
     filled tile by tile from the final LSE.
 
-    Without bias, dropout or requested weights, each unit first tries the single-pass
-    :func:`_forward_unit_bounded`; units it declines are computed by the online softmax
-    (:func:`_forward_unit`).
+    Without bias, dropout or requested weights, the single-pass :func:`_bounded_forward` runs
+    first; the units it declines are computed by the online softmax (:func:`_forward_unit`).
     """
     xp = pb.xp
     b, h_kv, g, n_q, _ = pb.q.shape
@@ -430,44 +447,35 @@ def tiled_forward(
     weights = None
     if want_weights:
         weights = xp.zeros((b, h_kv, g, n_q, pb.n_k), dtype=dtype, device=device)
-    fast = pb.bias is None and pb.drop is None and not want_weights
     n_lanes = n_threads() if _is_threaded(xp) and not plan.small else 1
     items = plan.work(n_lanes)
-    share = fast and _share_keys(pb, items)
-    shared = BoundedKeys.of(pb) if share else None
+    online = items
+    if pb.bias is None and pb.drop is None and not want_weights:
+        online = _bounded_forward(pb, pattern, plan, items, o, lse, serial=n_lanes == 1)
 
     def run(item: tuple[Heads | None, list[tuple[Heads, int]]]) -> None:
-        chunk, units = item
-        keys = None
-        if fast:
-            keys = shared if share else BoundedKeys.of(pb, chunk)
-        for hc, ri in units:
+        for hc, ri in item[1]:
             r0, r1 = plan.rows[ri]
-            tiles = plan.visible[ri]
-            result = None
-            if keys is not None:
-                result = _forward_unit_bounded(pb, pattern, tiles, hc, r0, r1, keys)
-            if result is None:
-                result = _forward_unit(pb, pattern, tiles, hc, r0, r1, weights)
-            o[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = result[0]
-            lse[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1] = result[1]
+            o_u, lse_u = _forward_unit(pb, pattern, plan.visible[ri], hc, r0, r1, weights)
+            o[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = o_u
+            lse[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1] = lse_u
 
-    _run(xp, run, items, serial=n_lanes == 1)
+    _run(xp, run, online, serial=n_lanes == 1)
     return o, lse, weights
 
 
 def _share_keys(pb: Problem, items: list[tuple[Heads | None, Any]]) -> bool:
     """Whether to augment the keys once for all work items, rather than once per head chunk.
 
-    Once, when items are single units (they share heads), or when ``K`` and ``V`` are small:
-    one vectorized call costs less than one per chunk. Per chunk for large inputs: the
-    augmented copies then stay chunk-sized (no large fresh allocation, no page faults).
+    Once when items are single units (they share heads), or when ``K`` and ``V`` are small:
+    one vectorized call then costs less than several small ones, which on two threads also
+    contend for the GIL. Per chunk for large inputs: the copies stay chunk-sized (no large
+    fresh allocation, hence no page faults).
     """
     if not items or items[0][0] is None:
         return True
     itemsize = 4 if pb.q.dtype == pb.xp.float32 else 8
-    n_bytes = itemsize * (math.prod(pb.k.shape) + math.prod(pb.v.shape))
-    return n_bytes <= _SHARED_KEY_BYTES
+    return itemsize * (math.prod(pb.k.shape) + math.prod(pb.v.shape)) <= _SHARED_KEY_BYTES
 
 
 def _append_column(xp: Any, x: Array, column: Array | None = None) -> Array:
@@ -490,50 +498,39 @@ class _ChunkKeys:
 
 @dataclass
 class BoundedKeys(_ChunkKeys):
-    r"""Keys and values prepared for :func:`_forward_unit_bounded`.
+    """``[K, 1]`` and ``[V, 1]`` for :func:`_bounded_forward`.
 
-    Attributes
-    ----------
-    k : (b, h, n_k, d_k + 1)
-        ``[K, 1]``: a query row ``[scale q, -b]`` against it gives ``scale q.k - b``.
-    v : (b, h, n_k, d_v + 1)
-        ``[V, 1]``: the weights against it give ``e V`` and, in the last column, ``rowsum(e)``.
-    k_norm : (b, h, 1, 1, 1)
-        ``scale * max_j |k_j|`` per head.
-    min_total : float
-        Smallest accepted row sum, ``n_k * exp(-gap)``; see :func:`_forward_unit_bounded`.
+    A query row ``[scale q, -b]`` against ``[K, 1]`` gives ``scale q.k - b``; the weights
+    against ``[V, 1]`` give ``e V`` and, in the last column, ``rowsum(e)``.
     """
 
     k: Array
     v: Array
-    k_norm: Array
-    min_total: float
 
     @classmethod
-    def of(cls, pb: Problem, chunk: Heads | None = None) -> BoundedKeys | None:
-        """The prepared keys of heads ``chunk`` (all heads if None), or None to decline.
-
-        Declined when there are no keys, or when ``max |V| < smallest_normal^(3/4)``: products
-        of weights as small as ``exp(-G) = smallest_normal^(-1/4)`` with such values would be
-        subnormal (also declined: non-finite values).
-        """
-        xp = pb.xp
-        if pb.n_k == 0:
-            return None
+    def of(cls, pb: Problem, chunk: Heads | None = None) -> BoundedKeys:
         k = pb.k if chunk is None else _kv(pb.k, chunk)
         v = pb.v if chunk is None else _kv(pb.v, chunk)
-        tiny = float(xp.finfo(pb.q.dtype).smallest_normal)
-        v_max = xp.maximum(xp.max(v), -xp.min(v))  # max |V| without an |V| temporary
-        if not all_true(xp, v_max >= tiny**0.75):
-            return None
-        k_norm = xp.sqrt(xp.max(xp.vecdot(k, k, axis=-1), axis=-1)) * pb.scale  # (b, h)
-        return cls(
-            chunk=chunk,
-            k=_append_column(xp, k),
-            v=_append_column(xp, v),
-            k_norm=xp.reshape(k_norm, (*k_norm.shape, 1, 1, 1)),
-            min_total=pb.n_k * tiny**0.25,  # n_k exp(-G), G = -log(smallest_normal) / 4
-        )
+        return cls(chunk, _append_column(pb.xp, k), _append_column(pb.xp, v))
+
+
+def _row_bounds(pb: Problem) -> Array | None:
+    r"""``b_i = scale |q_i| max_j |k_j|`` per query row ``(B, Hkv, g, n_q, 1)``, or None.
+
+    None declines the bounded forward for the whole call: no keys, or
+    ``max |V| < smallest_normal^(3/4)`` (products of weights as small as ``exp(-G)`` with such
+    values would be subnormal; see :func:`_bounded_forward`), or non-finite ``V``.
+    """
+    xp = pb.xp
+    if pb.n_k == 0:
+        return None
+    tiny = float(xp.finfo(pb.q.dtype).smallest_normal)
+    v_max = xp.maximum(xp.max(pb.v), -xp.min(pb.v))  # max |V| without an |V| temporary
+    if not all_true(xp, v_max >= tiny**0.75):
+        return None
+    k_norm = xp.sqrt(xp.max(xp.vecdot(pb.k, pb.k, axis=-1), axis=-1)) * pb.scale  # (B, Hkv)
+    q_norm = xp.sqrt(xp.vecdot(pb.q, pb.q, axis=-1))  # (B, Hkv, g, n_q)
+    return (q_norm * xp.reshape(k_norm, (*k_norm.shape, 1, 1)))[..., None]
 
 
 def _forward_unit(
@@ -579,16 +576,17 @@ def _forward_unit(
     return o, lse[..., 0]
 
 
-def _forward_unit_bounded(
+def _bounded_forward(
     pb: Problem,
     pattern: Pattern | None,
-    tiles: list[tuple[int, int, bool]],
-    hc: Heads,
-    r0: int,
-    r1: int,
-    keys: BoundedKeys,
-) -> tuple[Array, Array] | None:
-    r"""Rows ``r0:r1`` of heads ``hc`` in one pass with a fixed shift, or None to decline.
+    plan: Plan,
+    items: list[tuple[Heads | None, list[tuple[Heads, int]]]],
+    o: Array,
+    lse: Array,
+    *,
+    serial: bool,
+) -> list[tuple[Heads | None, list[tuple[Heads, int]]]]:
+    r"""The forward in one pass per tile with a fixed shift; returns the declined work items.
 
     By Cauchy-Schwarz, :math:`b_i = \mathrm{scale}\,|q_i| \max_j |k_j|` bounds every score of
     row ``i`` from above, so ``e = exp(S - b) <= 1`` never overflows and needs no running max.
@@ -603,38 +601,68 @@ def _forward_unit_bounded(
     ``lse = b + log l``, the same quantities as the online softmax, since any shift cancels.
 
     The bound may exceed the true row max ``m`` by a wide margin, and weights scaled by
-    ``exp(m - b)`` lose precision once they approach the smallest normal number. The unit is
+    ``exp(m - b)`` lose precision once they approach the smallest normal number. A unit is
     accepted only if every row has ``l >= n_k exp(-G)``, which ensures ``exp(m - b) >= exp(-G)``
     (``l <= n_k exp(m - b)``), with ``G = -log(smallest_normal) / 4`` (21.8 in float32, 177 in
     float64): three quarters of the exponent range stay below the largest weight, for the
-    other weights and their products with ``V`` (:meth:`BoundedKeys.of` declines ``V`` too
+    other weights and their products with ``V`` (:func:`_row_bounds` declines ``V`` too
     small for that). A subnormal contribution then errs by at most half its spacing,
     ``smallest_normal * eps / 2``, so after the division by ``l`` each of the ``n_k`` terms of
     ``O`` errs by at most ``smallest_normal^(3/4) eps / 2 <= eps max|V| / 2``. Otherwise (wide
-    gaps, rows with no visible key, non-finite inputs) it returns None and the online softmax
-    computes the unit. With unit-variance random inputs the gap ``b - m`` is a few units, far
+    gaps, rows with no visible key, non-finite inputs) the unit is returned, for the online
+    softmax to compute. With unit-variance random inputs the gap ``b - m`` is a few units, far
     inside the limit; it grows with the norms of queries and keys that point apart.
+
+    The threads only run GEMMs and the ``exp`` (each unit writes ``eV`` into ``o`` and ``l``
+    into a column); the bounds, the acceptance test and the division by ``l`` are vectorized
+    over the whole call, because many small operations on two threads contend for the GIL.
     """
     xp = pb.xp
-    q = pb.q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :]
-    g = int(q.shape[2])
-    bound = xp.sqrt(xp.vecdot(q, q, axis=-1))[..., None] * keys.heads(keys.k_norm, hc)
-    q_shifted = _merge(xp, _append_column(xp, q * pb.scale, -bound))
-    k, v = keys.heads(keys.k, hc), keys.heads(keys.v, hc)
-    acc = None
-    for c0, c1, full in tiles:
-        e = exp_inplace(xp, _scores(pb, pattern, hc, q_shifted, k, g, r0, r1, c0, c1, full))
-        part = _split(xp, _merge(xp, e) @ v[:, :, c0:c1, :], g)
-        if acc is None:
-            acc = part
-        else:
-            acc += part
-    if acc is None:
-        return None
-    total = acc[..., -1:]
-    if not all_true(xp, total >= keys.min_total):  # also False for NaN
-        return None
-    return acc[..., :-1] / total, (bound + xp.log(total))[..., 0]
+    bound = _row_bounds(pb)
+    if bound is None:
+        return items
+    total = xp.zeros_like(bound)
+    share = _share_keys(pb, items)
+    shared = BoundedKeys.of(pb) if share else None
+
+    def run(item: tuple[Heads | None, list[tuple[Heads, int]]]) -> None:
+        chunk, units = item
+        keys = shared if share else BoundedKeys.of(pb, chunk)
+        k, v = keys.heads(keys.k, hc0 := units[0][0]), keys.heads(keys.v, hc0)
+        for hc, ri in units:
+            if hc is not hc0:
+                k, v, hc0 = keys.heads(keys.k, hc), keys.heads(keys.v, hc), hc
+            r0, r1 = plan.rows[ri]
+            rows = (slice(hc.b0, hc.b1), slice(hc.h0, hc.h1), slice(None), slice(r0, r1), ...)
+            q_shifted = _merge(xp, _append_column(xp, pb.q[rows] * pb.scale, -bound[rows]))
+            g = int(pb.q.shape[2])
+            acc = None
+            for c0, c1, full in plan.visible[ri]:
+                s = _scores(pb, pattern, hc, q_shifted, k, g, r0, r1, c0, c1, full)
+                part = _split(xp, _merge(xp, exp_inplace(xp, s)) @ v[:, :, c0:c1, :], g)
+                if acc is None:
+                    acc = part
+                else:
+                    acc += part
+            if acc is not None:  # (no visible tile: l stays 0, and the unit is declined)
+                o[rows] = acc[..., :-1]
+                total[rows] = acc[..., -1:]
+
+    _run(xp, run, items, serial=serial)
+    # a row sum is at most n_k times its largest weight: l >= n_k exp(-G) => max >= exp(-G)
+    min_total = pb.n_k * float(xp.finfo(pb.q.dtype).smallest_normal) ** 0.25
+    accepted = total >= min_total  # also False for NaN
+    safe = xp.where(accepted, total, xp.ones_like(total))
+    o /= safe
+    lse[...] = (bound + xp.log(safe))[..., 0]
+    if all_true(xp, accepted):
+        return []
+    declined = []
+    for hc, ri in plan.units:
+        r0, r1 = plan.rows[ri]
+        if not all_true(xp, accepted[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :]):
+            declined.append((None, [(hc, ri)]))
+    return declined
 
 
 def _fill_weights(

@@ -86,3 +86,39 @@ def test_nested_parallel_map_runs_serially(two_threads):
     assert [value for _, value in flat] == [0, 1, 10, 11, 20, 21, 30, 31]
     for part in results:  # the inner items ran on the thread that called parallel_map
         assert part[0][0] == part[1][0]
+
+
+def test_matmul_scratch_reuses_one_array_per_thread_and_slot():
+    xp = default_namespace()
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 3, 4))
+    first = _backend.matmul_scratch(xp, a, b, "test")
+    np.testing.assert_allclose(first, a @ b, rtol=1e-14)
+    second = _backend.matmul_scratch(xp, a[:, :2], b, "test")  # smaller: same array
+    np.testing.assert_allclose(second, a[:, :2] @ b, rtol=1e-14)
+    assert np.shares_memory(first, second)
+    other = _backend.matmul_scratch(xp, a, b, "other-slot")
+    assert not np.shares_memory(first, other)
+    # broadcast batch axes, float32 stays float32
+    a32 = rng.standard_normal((1, 5, 3)).astype(np.float32)
+    out32 = _backend.matmul_scratch(xp, a32, b.astype(np.float32), "test")
+    assert out32.dtype == np.float32 and out32.shape == (2, 5, 4)
+    np.testing.assert_allclose(out32, a32 @ b.astype(np.float32), rtol=1e-6)
+
+    on_thread = []
+    thread = threading.Thread(
+        target=lambda: on_thread.append(_backend.matmul_scratch(xp, a, b, "test"))
+    )
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(on_thread[0], first)  # each thread has its own
+
+
+def test_matmul_scratch_does_not_keep_large_arrays(monkeypatch):
+    monkeypatch.setattr(_backend, "_SCRATCH_BYTES", 100)
+    xp = default_namespace()
+    a = np.ones((4, 8))
+    first = _backend.matmul_scratch(xp, a, a.T, "big")  # 16 float64 = 128 bytes > 100
+    second = _backend.matmul_scratch(xp, a, a.T, "big")
+    assert not np.shares_memory(first, second)
+    np.testing.assert_array_equal(first, a @ a.T)

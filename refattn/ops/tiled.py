@@ -64,7 +64,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._backend import all_true, device_of, exp_inplace, n_threads, parallel_map
+from .._backend import (
+    all_true,
+    device_of,
+    exp_inplace,
+    matmul_scratch,
+    n_threads,
+    parallel_map,
+)
 from .attention import Problem, prepare
 
 __all__ = [
@@ -392,9 +399,13 @@ def _scores(
     c1: int,
     full: bool,
 ) -> Array:
-    """``scale Q K^T + bias`` of one tile, ``-inf`` where masked: ``(b, h, g, r, c)``."""
+    """``scale Q K^T + bias`` of one tile, ``-inf`` where masked: ``(b, h, g, r, c)``.
+
+    Without a mask the result is the thread's work array ``"s"`` (``matmul_scratch``): valid
+    until the thread's next tile.
+    """
     xp = pb.xp
-    s = _split(xp, q_scaled @ xp.matrix_transpose(k[:, :, c0:c1, :]), g)
+    s = _split(xp, matmul_scratch(xp, q_scaled, xp.matrix_transpose(k[:, :, c0:c1, :]), "s"), g)
     bias = _tile(pb.bias, hc, r0, r1, c0, c1)
     if bias is not None:
         s += bias
@@ -812,11 +823,11 @@ def _backward_unit(
             p_drop = p if drop is None else p * drop
             d_v[rows[0], rows[1], c0:c1, :] += xp.matrix_transpose(_merge(xp, p_drop)) @ d_o_m
             if d_o_shifted is not None:  # no dropout: dO V^T - c in one GEMM
-                d_p = _split(
-                    xp, d_o_shifted @ xp.matrix_transpose(keys.heads(keys.v, hc)[:, :, c0:c1, :]), g
-                )
+                v_t = xp.matrix_transpose(keys.heads(keys.v, hc)[:, :, c0:c1, :])
+                d_p = _split(xp, matmul_scratch(xp, d_o_shifted, v_t, "dp"), g)
             else:
-                d_p = _split(xp, d_o_m @ xp.matrix_transpose(_kv(pb.v, hc)[:, :, c0:c1, :]), g)
+                v_t = xp.matrix_transpose(_kv(pb.v, hc)[:, :, c0:c1, :])
+                d_p = _split(xp, matmul_scratch(xp, d_o_m, v_t, "dp"), g)
                 d_p *= drop
                 d_p -= c
             if d_w_u is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._backend import check_floating, describe, namespace
+from .._backend import check_floating, describe, exp_inplace, namespace
 from .._op import Op
 
 __all__ = ["log_softmax", "softmax"]
@@ -65,14 +65,18 @@ def masked_softmax_parts(
         x = xp.where(keep, x, neg_inf)
     shift = xp.max(x, axis=axis, keepdims=True)
     shift = xp.where(xp.isfinite(shift), shift, xp.zeros_like(shift))
-    e = xp.exp(x - shift)
+    e = exp_inplace(xp, x - shift)  # x - shift is a fresh array: exp it in place
     total = xp.sum(e, axis=axis, keepdims=True)
     return e, total, shift
 
 
 def normalize(e: Array, total: Array, *, xp: Any) -> Array:
-    """``e / total``, with 0 for slices whose total is 0 (fully masked)."""
-    return e / xp.where(total == 0, xp.ones_like(total), total)
+    """``e / total``, with 0 for slices whose total is 0 (fully masked), computed in ``e``.
+
+    ``e`` (from :func:`masked_softmax_parts`, the caller's own array) is overwritten.
+    """
+    e /= xp.where(total == 0, xp.ones_like(total), total)
+    return e
 
 
 def _softmax_fwd(x: Array, /, *, axis: int = -1, mask: Array | None = None) -> tuple[Array, Any]:

@@ -23,6 +23,11 @@ starting from :math:`m = -\infty,\ \ell = 0,\ A = 0`. By induction
 so at the end :math:`O = A / \ell` and :math:`\mathrm{lse} = m + \log \ell` exactly as the
 materialized softmax gives them. Only ``O`` and ``lse`` are saved (plus the inputs).
 
+Without a bias or dropout, a faster variant runs first (:func:`_bounded_forward`): a fixed
+per-row shift, an upper bound of the row's scores known in advance, is folded into the first GEMM
+and the row sum into the second, leaving one elementwise pass per tile; units whose rows would
+lose precision that way are computed by the online softmax above.
+
 Backward. With :math:`P = e^{S - \mathrm{lse}}` recomputed tile by tile from the saved LSE:
 
 .. math::

@@ -644,10 +644,8 @@ def _bounded_forward(
     def run(item: tuple[Heads | None, list[tuple[Heads, int]]]) -> None:
         chunk, units = item
         keys = shared if share else BoundedKeys.of(pb, chunk)
-        k, v = keys.heads(keys.k, hc0 := units[0][0]), keys.heads(keys.v, hc0)
         for hc, ri in units:
-            if hc is not hc0:
-                k, v, hc0 = keys.heads(keys.k, hc), keys.heads(keys.v, hc), hc
+            k, v = keys.heads(keys.k, hc), keys.heads(keys.v, hc)
             r0, r1 = plan.rows[ri]
             rows = (slice(hc.b0, hc.b1), slice(hc.h0, hc.h1), slice(None), slice(r0, r1), ...)
             q_shifted = _merge(xp, _append_column(xp, pb.q[rows] * pb.scale, -bound[rows]))

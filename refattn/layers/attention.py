@@ -34,6 +34,7 @@ from typing import Any
 
 from .._backend import default_namespace, namespace
 from .._op import Op
+from ..ops.attention import dropout_scale
 from ..ops.attention import scaled_dot_product_attention as _sdpa
 from ..ops.masks import check_alignment
 from ..ops.softmax import check_broadcast, check_mask
@@ -44,7 +45,6 @@ from .basic import (
     check_affine,
     check_input,
     check_size,
-    dropout_scale,
     get_subtree,
     join_path,
     linear_params,

@@ -36,6 +36,7 @@ from .._backend import (
     namespace,
 )
 from .._op import Op
+from ..ops.attention import dropout_scale
 
 __all__ = [
     "ACTIVATIONS",
@@ -176,17 +177,6 @@ def check_multiplier(
     if m.dtype != xp.bool and not xp.isdtype(m.dtype, "real floating"):
         raise TypeError(f"refattn.{op}: {name} must be boolean or floating, got {m.dtype}")
     return xp.astype(m, dtype)
-
-
-def dropout_scale(op: str, dropout_p: Any) -> float:
-    """``1 / (1 - dropout_p)`` after checking ``0 <= dropout_p < 1``."""
-    try:
-        p = float(dropout_p)
-    except (TypeError, ValueError):
-        raise TypeError(f"refattn.{op}: dropout_p must be a float, got {dropout_p!r}") from None
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"refattn.{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
-    return 1.0 / (1.0 - p)
 
 
 # ----------------------------------------------------------------------------- linear

@@ -267,6 +267,17 @@ def _check_scale(op: str, scale: Any, d_k: int) -> float:
     return value  # a Python float: float32 inputs stay float32 under NumPy 2's promotion rules
 
 
+def dropout_scale(op: str, dropout_p: Any) -> float:
+    """``1 / (1 - dropout_p)`` after checking ``0 <= dropout_p < 1``."""
+    try:
+        p = float(dropout_p)
+    except (TypeError, ValueError):
+        raise TypeError(f"refattn.{op}: dropout_p must be a float, got {dropout_p!r}") from None
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"refattn.{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    return 1.0 / (1.0 - p)
+
+
 def _dropout_multiplier(
     xp: Any,
     op: str,
@@ -275,12 +286,8 @@ def _dropout_multiplier(
     dtype: Any,
     scores_shape: tuple[int, ...],
 ) -> Array | None:
-    try:
-        p = float(dropout_p)
-    except (TypeError, ValueError):
-        raise TypeError(f"refattn.{op}: dropout_p must be a float, got {dropout_p!r}") from None
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"refattn.{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    scale = dropout_scale(op, dropout_p)
+    p = float(dropout_p)
     if dropout_mask is None:
         if p > 0.0:
             raise ValueError(
@@ -298,7 +305,7 @@ def _dropout_multiplier(
             f"refattn.{op}: dropout_mask must be boolean or floating (1 = keep), "
             f"got {dropout_mask.dtype}"
         )
-    return keep * (1.0 / (1.0 - p))
+    return keep * scale
 
 
 class _Canonicalizer:

@@ -64,6 +64,14 @@ def to_numpy(x):
     return np.asarray(x)
 
 
+def rel_err(actual, desired) -> float:
+    """``max|actual - desired| / max|desired|`` in float64 on the host (same shapes required)."""
+    actual = np.asarray(to_numpy(actual), dtype=np.float64)
+    desired = np.asarray(to_numpy(desired), dtype=np.float64)
+    assert actual.shape == desired.shape
+    return float(np.max(np.abs(actual - desired)) / max(np.max(np.abs(desired)), 1e-300))
+
+
 def randn(xp, shape, *, seed, dtype="float64"):
     """Seeded standard-normal array on backend ``xp`` (generated on the host with NumPy)."""
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import randn, to_numpy
+from conftest import randn, rel_err, to_numpy
 
 import refattn
 from refattn._check_runner import compare_with_framework, run_case
@@ -25,12 +25,6 @@ from refattn.layers.additive import (
 )
 
 CASES = [c for c in all_cases() if c.op.name in {"additive_attention", "multiplicative_attention"}]
-
-
-def rel_err(actual, desired) -> float:
-    actual, desired = np.asarray(actual, dtype=np.float64), np.asarray(desired, dtype=np.float64)
-    assert actual.shape == desired.shape
-    return float(np.max(np.abs(actual - desired)) / max(np.max(np.abs(desired)), 1e-300))
 
 
 def _tree_to(xp, tree):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import randn, to_numpy
+from conftest import randn, rel_err, to_numpy
 
 from refattn.layers.attention import init_multi_head_attention, multi_head_attention
 from refattn.layers.kv_cache import (
@@ -26,13 +26,6 @@ from refattn.layers.transformer import (
 )
 
 TOL = 1e-12
-
-
-def rel_err(actual, desired) -> float:
-    actual = np.asarray(to_numpy(actual), dtype=np.float64)
-    desired = np.asarray(to_numpy(desired), dtype=np.float64)
-    assert actual.shape == desired.shape
-    return float(np.max(np.abs(actual - desired)) / max(np.max(np.abs(desired)), 1e-300))
 
 
 def on(xp, tree):

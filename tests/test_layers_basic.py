@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import randn, to_numpy
+from conftest import randn, rel_err, to_numpy
 
 import refattn
 from refattn._check_runner import run_case
@@ -32,13 +32,6 @@ from refattn.layers.basic import (
 
 _OPS = {"linear", "layer_norm", "relu", "gelu", "gelu_tanh", "feed_forward"}
 CASES = [c for c in all_cases() if c.op.name in _OPS]
-
-
-def rel_err(actual, desired) -> float:
-    actual = np.asarray(to_numpy(actual), dtype=np.float64)
-    desired = np.asarray(to_numpy(desired), dtype=np.float64)
-    assert actual.shape == desired.shape
-    return float(np.max(np.abs(actual - desired)) / max(np.max(np.abs(desired)), 1e-300))
 
 
 def tree_to(xp, tree, dtype="float64"):

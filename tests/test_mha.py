@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import randn, to_numpy
+from conftest import randn, rel_err, to_numpy
 
 import refattn
 from refattn._check_runner import run_case
@@ -16,13 +16,6 @@ from refattn.layers.attention import init_multi_head_attention, multi_head_atten
 
 CASES = [c for c in all_cases() if c.op.name == "multi_head_attention"]
 TOL = 1e-10
-
-
-def rel_err(actual, desired) -> float:
-    actual = np.asarray(to_numpy(actual), dtype=np.float64)
-    desired = np.asarray(desired, dtype=np.float64)
-    assert actual.shape == desired.shape
-    return float(np.max(np.abs(actual - desired)) / max(np.max(np.abs(desired)), 1e-300))
 
 
 def perturbed_module(torch, module, seed=0):

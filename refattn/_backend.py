@@ -31,6 +31,7 @@ __all__ = [
     "describe",
     "floating_dtype",
     "is_sparse",
+    "itemsize",
     "matmul",
     "matmul_scratch",
     "n_threads",
@@ -83,6 +84,16 @@ def check_floating(xp: ModuleType, name: str, x: Array) -> None:
         raise TypeError(
             f"refattn: {name} must have a real floating dtype (float32 or float64), got {x.dtype}"
         )
+
+
+def itemsize(xp: ModuleType, dtype: Any) -> int:
+    """Bytes per element of a real floating ``dtype``, for memory budgets.
+
+    Other dtypes count as 8: the callers reject them later, with an error naming the argument.
+    """
+    if not xp.isdtype(dtype, "real floating"):
+        return 8
+    return int(xp.finfo(dtype).bits) // 8
 
 
 def floating_dtype(xp: ModuleType, name_to_array: dict[str, Array]) -> Any:
@@ -287,7 +298,7 @@ def matmul_scratch(xp: ModuleType, a: Array, b: Array, slot: str) -> Array:
     shape = (*lead, int(a.shape[-2]), int(b.shape[-1]))
     dtype = xp.result_type(a, b)
     size = math.prod(shape)
-    if size * xp.finfo(dtype).bits // 8 > _SCRATCH_BYTES:
+    if size * itemsize(xp, dtype) > _SCRATCH_BYTES:
         return a @ b
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get((slot, dtype))

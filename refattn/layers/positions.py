@@ -27,7 +27,14 @@ import math
 from types import ModuleType
 from typing import Any
 
-from .._backend import check_floating, default_namespace, describe, device_of, namespace
+from .._backend import (
+    check_floating,
+    default_namespace,
+    describe,
+    device_of,
+    itemsize,
+    namespace,
+)
 from .._op import Op
 from ..ops.masks import causal_keep
 from ..ops.softmax import check_broadcast, check_mask, masked_softmax_parts, normalize
@@ -118,8 +125,8 @@ def scatter_add_rows(xp: ModuleType, index: Array, values: Array, n_rows: int) -
     if m == 0 or n_rows == 0:
         return out
     rows = xp.arange(n_rows, dtype=index.dtype, device=device)
-    itemsize = 4 if values.dtype == xp.float32 else 8
-    chunk = max(1, _ONEHOT_BYTES // (n_rows * itemsize))
+    elem_bytes = itemsize(xp, values.dtype)
+    chunk = max(1, _ONEHOT_BYTES // (n_rows * elem_bytes))
     for start in range(0, m, chunk):
         stop = min(start + chunk, m)
         onehot = xp.astype(rows[:, None] == index[None, start:stop], values.dtype)

@@ -28,6 +28,7 @@ from .._backend import (
     describe,
     exp_inplace,
     floating_dtype,
+    itemsize,
     n_threads,
     namespace,
     parallel_map,
@@ -141,8 +142,8 @@ class Problem:
         n_q = self.n_q
         if n_q == 0:
             return []
-        itemsize = 4 if self.q.dtype == self.xp.float32 else 8
-        row_bytes = max(1, math.prod(self.q.shape[:3]) * self.n_k * itemsize)
+        elem_bytes = itemsize(self.xp, self.q.dtype)
+        row_bytes = max(1, math.prod(self.q.shape[:3]) * self.n_k * elem_bytes)
         if row_bytes * n_q <= _BLOCK_BYTES // 4:  # small: threads would cost more than they save
             return [(0, n_q)]
         if _is_threaded(self.xp):
@@ -772,6 +773,6 @@ def choose_implementation(
     q_shape, k_shape = tuple(getattr(q, "shape", ())), tuple(getattr(k, "shape", ()))
     if len(q_shape) < 2 or len(k_shape) < 2:
         return "materialized"  # prepare() reports the bad shapes
-    itemsize = 4 if q.dtype == namespace(q).float32 else 8
+    elem_bytes = itemsize(namespace(q), q.dtype)
     n_scores = math.prod(q_shape[:-1]) * k_shape[-2]
-    return "tiled" if n_scores * itemsize > budget else "materialized"
+    return "tiled" if n_scores * elem_bytes > budget else "materialized"

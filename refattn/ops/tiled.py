@@ -73,6 +73,7 @@ from .._backend import (
     all_true,
     device_of,
     exp_inplace,
+    itemsize,
     matmul_scratch,
     n_threads,
     parallel_map,
@@ -301,11 +302,11 @@ def make_plan(
     cols = list(itertools.pairwise(col_edges))
     visible = [_visible_tiles(pattern, r0, r1, cols, col_edges, n_k) for r0, r1 in rows]
     b, h_kv, g = (int(s) for s in pb.q.shape[:3])
-    itemsize = 4 if pb.q.dtype == pb.xp.float32 else 8
-    tile = max(1, g * min(block_q, max(n_q, 1)) * min(block_k, max(n_k, 1)) * itemsize)
+    elem_bytes = itemsize(pb.xp, pb.q.dtype)
+    tile = max(1, g * min(block_q, max(n_q, 1)) * min(block_k, max(n_k, 1)) * elem_bytes)
     heads = _head_chunks(b, h_kv, max(1, _TILE_BYTES // tile))
     score_bytes = (
-        itemsize
+        elem_bytes
         * b
         * h_kv
         * g
@@ -490,8 +491,8 @@ def _share_keys(pb: Problem, items: list[tuple[Heads | None, Any]]) -> bool:
     """
     if not items or items[0][0] is None:
         return True
-    itemsize = 4 if pb.q.dtype == pb.xp.float32 else 8
-    return itemsize * (math.prod(pb.k.shape) + math.prod(pb.v.shape)) <= _SHARED_KEY_BYTES
+    elem_bytes = itemsize(pb.xp, pb.q.dtype)
+    return elem_bytes * (math.prod(pb.k.shape) + math.prod(pb.v.shape)) <= _SHARED_KEY_BYTES
 
 
 def _append_column(xp: Any, x: Array, column: Array | None = None) -> Array:

@@ -1,4 +1,4 @@
-"""The backend helpers: the pooled GEMM and the thread pool's nesting rule."""
+"""The backend helpers: the pooled GEMM, the thread pool's nesting rule, work arrays, exp2."""
 
 from __future__ import annotations
 
@@ -122,3 +122,20 @@ def test_matmul_scratch_does_not_keep_large_arrays(monkeypatch):
     second = _backend.matmul_scratch(xp, a, a.T, "big")
     assert not np.shares_memory(first, second)
     np.testing.assert_array_equal(first, a @ a.T)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_exp2_inplace_is_exp_of_log2e_times_x(xp, dtype):
+    # the tiled kernels' weights: exp(s) computed as exp2(LOG2E s), in place where possible
+    rng = np.random.default_rng(3)
+    s = np.concatenate([rng.uniform(-80.0, 0.0, 500), [0.0, -np.inf]]).astype(dtype)
+    x = xp.asarray(s * dtype(_backend.LOG2E))
+    out = _backend.exp2_inplace(xp, x)
+    got = np.asarray(out)
+    ref = np.exp(s.astype(np.float64))
+    ulp = np.spacing(ref.astype(dtype)).astype(np.float64)
+    # 1 ulp from exp2, plus the rounding of LOG2E s (relative eps, times |s| <= 80 in the exponent)
+    assert np.all(np.abs(got - ref) <= ulp * (2 + 80 * np.log(2)))
+    assert got[-1] == 0.0 and got[-2] == 1.0
+    if _backend.is_numpy_namespace(xp):
+        assert out is x  # overwritten, no new array

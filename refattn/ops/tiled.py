@@ -28,6 +28,13 @@ per-row shift, an upper bound of the row's scores known in advance, is folded in
 and the row sum into the second, leaving one elementwise pass per tile; units whose rows would
 lose precision that way are computed by the online softmax above.
 
+Base 2. The kernels compute every weight as :math:`e^{x} = 2^{x \log_2 e}`, with
+:math:`\log_2 e` folded into a GEMM operand (the scaled queries, or the augmented keys), so
+that score tiles come out of the GEMM in base-2 units and the one elementwise pass is an
+``exp2``: twice as fast as ``exp`` in NumPy's float32 (:func:`~refattn._backend.exp2_inplace`),
+as FlashAttention does on GPUs. Running maxima and shifts are in base-2 units too; the LSE is
+converted back, :math:`\mathrm{lse} = m_2 \ln 2 + \log \ell`.
+
 Backward. With :math:`P = e^{S - \mathrm{lse}}` recomputed tile by tile from the saved LSE:
 
 .. math::
@@ -70,9 +77,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._backend import (
+    LOG2E,
     all_true,
     device_of,
-    exp_inplace,
+    exp2_inplace,
     itemsize,
     matmul_scratch,
     n_threads,
@@ -97,8 +105,9 @@ Array = Any
 
 #: default query and key block size (rows and columns of a tile)
 DEFAULT_BLOCK = 512
-#: largest tile (all heads of a unit) in bytes; units take as many heads as fit
-_TILE_BYTES = 2 * 2**20
+#: largest tile (all heads of a unit) in bytes; units take as many heads as fit (1 MiB: a tile
+#: stays in a core's L2 cache from its GEMM through its exp2 to the next GEMM)
+_TILE_BYTES = 2**20
 #: ``K`` and ``V`` up to this many bytes are augmented once per call, larger ones per head chunk
 _SHARED_KEY_BYTES = 4 * 2**20
 #: calls whose scores take fewer bytes than this run serially (threads would cost more)
@@ -405,16 +414,18 @@ def _scores(
     c1: int,
     full: bool,
 ) -> Array:
-    """``scale Q K^T + bias`` of one tile, ``-inf`` where masked: ``(b, h, g, r, c)``.
+    """``q_scaled K^T + LOG2E bias`` of one tile, ``-inf`` where masked: ``(b, h, g, r, c)``.
 
-    Without a mask the result is the thread's work array ``"s"`` (``matmul_scratch``): valid
-    until the thread's next tile.
+    Scores in base-2 units: the callers fold ``LOG2E`` (and ``scale``) into ``q_scaled`` or
+    ``k``, so that the result is ``LOG2E (scale Q K^T + bias)``, minus any row shift they fold
+    in too. Without a mask the result is the thread's work array ``"s"``
+    (``matmul_scratch``): valid until the thread's next tile.
     """
     xp = pb.xp
     s = _split(xp, matmul_scratch(xp, q_scaled, xp.matrix_transpose(k[:, :, c0:c1, :]), "s"), g)
     bias = _tile(pb.bias, hc, r0, r1, c0, c1)
     if bias is not None:
-        s += bias
+        s += bias * LOG2E
     keep = _tile(pb.keep, hc, r0, r1, c0, c1)
     if not full:
         structured = pattern.keep(xp, r0, r1, c0, c1, device_of(s))
@@ -517,8 +528,9 @@ class _ChunkKeys:
 class BoundedKeys(_ChunkKeys):
     """``[K, 1]`` and ``[V, 1]`` for :func:`_bounded_forward`.
 
-    A query row ``[scale q, -b]`` against ``[K, 1]`` gives ``scale q.k - b``; the weights
-    against ``[V, 1]`` give ``e V`` and, in the last column, ``rowsum(e)``.
+    ``k = LOG2E [scale K, 1]``: a query row ``[q, -b]`` against it gives
+    ``LOG2E (scale q.k - b)``, the shifted score in base-2 units. ``v = [V, 1]``: the weights
+    against it give ``e V`` and, in the last column, ``rowsum(e)``.
     """
 
     k: Array
@@ -526,9 +538,11 @@ class BoundedKeys(_ChunkKeys):
 
     @classmethod
     def of(cls, pb: Problem, chunk: Heads | None = None) -> BoundedKeys:
+        xp = pb.xp
         k = pb.k if chunk is None else _kv(pb.k, chunk)
         v = pb.v if chunk is None else _kv(pb.v, chunk)
-        return cls(chunk, _append_column(pb.xp, k), _append_column(pb.xp, v))
+        log2e = xp.full((*k.shape[:-1], 1), LOG2E, dtype=k.dtype, device=device_of(k))
+        return cls(chunk, _append_column(xp, k * (pb.scale * LOG2E), log2e), _append_column(xp, v))
 
 
 def _row_bounds(pb: Problem) -> Array | None:
@@ -563,7 +577,7 @@ def _forward_unit(
     xp = pb.xp
     q = pb.q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :]
     bh, hh, g, r, _ = q.shape
-    q_scaled = _merge(xp, q * pb.scale)
+    q_scaled = _merge(xp, q * (pb.scale * LOG2E))  # scores in base-2 units
     k, v = _kv(pb.k, hc), _kv(pb.v, hc)
     d_v = v.shape[-1]
     dtype, device = q.dtype, device_of(q)
@@ -575,9 +589,9 @@ def _forward_unit(
         s = _scores(pb, pattern, hc, q_scaled, k, g, r0, r1, c0, c1, full)
         m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
         new_shift = xp.where(xp.isfinite(m_new), m_new, xp.zeros_like(m_new))
-        alpha = xp.exp(m - new_shift)  # exp(-inf) = 0 before the first visible key
+        alpha = 2.0 ** (m - new_shift)  # 2^-inf = 0 before the first visible key
         s -= new_shift
-        p = exp_inplace(xp, s)
+        p = exp2_inplace(xp, s)
         total = alpha * total + xp.sum(p, axis=-1, keepdims=True)
         drop = _tile(pb.drop, hc, r0, r1, c0, c1)
         if drop is not None:
@@ -587,7 +601,7 @@ def _forward_unit(
     positive = total > 0
     safe = xp.where(positive, total, xp.ones_like(total))
     o = acc / safe
-    lse = xp.where(positive, shift + xp.log(safe), -math.inf)
+    lse = xp.where(positive, shift * math.log(2.0) + xp.log(safe), -math.inf)
     if weights is not None:
         _fill_weights(pb, pattern, tiles, hc, r0, r1, q_scaled, k, g, lse, weights)
     return o, lse[..., 0]
@@ -611,11 +625,12 @@ def _bounded_forward(
 
     .. math::
 
-        [\mathrm{scale}\,Q,\ -b]\,[K,\ 1]^\top = S - b, \qquad
+        \log_2 e\,[\mathrm{scale}\,Q,\ -b]\,[K,\ 1]^\top = \log_2 e\,(S - b), \qquad
         e\,[V,\ 1] = [\,e V,\ \ell\,],
 
-    leaving one elementwise pass (the ``exp``) per tile. Then ``O = eV / l`` and
-    ``lse = b + log l``, the same quantities as the online softmax, since any shift cancels.
+    leaving one elementwise pass (the ``exp2``, see "Base 2" in the module notes) per tile.
+    Then ``O = eV / l`` and ``lse = b + log l``, the same quantities as the online softmax,
+    since any shift cancels.
 
     The bound may exceed the true row max ``m`` by a wide margin, and weights scaled by
     ``exp(m - b)`` lose precision once they approach the smallest normal number. A unit is
@@ -625,19 +640,24 @@ def _bounded_forward(
     other weights and their products with ``V`` (:func:`_row_bounds` declines ``V`` too
     small for that). A subnormal contribution then errs by at most half its spacing,
     ``smallest_normal * eps / 2``, so after the division by ``l`` each of the ``n_k`` terms of
-    ``O`` errs by at most ``smallest_normal^(3/4) eps / 2 <= eps max|V| / 2``. Otherwise (wide
-    gaps, rows with no visible key, non-finite inputs) the unit is returned, for the online
-    softmax to compute. With unit-variance random inputs the gap ``b - m`` is a few units, far
-    inside the limit; it grows with the norms of queries and keys that point apart.
+    ``O`` errs by at most ``smallest_normal^(3/4) eps / 2 <= eps max|V| / 2``. (A subnormal
+    weight itself errs by at most 2 such spacings, measured for NumPy's ``exp2``: after the
+    division, ``2 smallest_normal^(3/4) eps max|V| / n_k`` per term, far below that.)
+    Otherwise (wide gaps, rows with no visible key, non-finite inputs) the unit is returned,
+    for the online softmax to compute. With unit-variance random inputs the gap ``b - m`` is a
+    few units, far inside the limit; it grows with the norms of queries and keys that point
+    apart.
 
-    The threads only run GEMMs and the ``exp`` (each unit writes ``eV`` into ``o`` and ``l``
-    into a column); the bounds, the acceptance test and the division by ``l`` are vectorized
-    over the whole call, because many small operations on two threads contend for the GIL.
+    The threads run the GEMMs, the ``exp2`` and the division by ``l`` (each unit writes ``O``
+    and ``l``); the bounds and the acceptance test are vectorized over the whole call, because
+    many small operations on two threads contend for the GIL.
     """
     xp = pb.xp
     bound = _row_bounds(pb)
     if bound is None:
         return items
+    # a row sum is at most n_k times its largest weight: l >= n_k exp(-G) => max >= exp(-G)
+    min_total = pb.n_k * float(xp.finfo(pb.q.dtype).smallest_normal) ** 0.25
     total = xp.zeros_like(bound)
     share = _share_keys(pb, items)
     shared = BoundedKeys.of(pb) if share else None
@@ -649,26 +669,24 @@ def _bounded_forward(
             k, v = keys.heads(keys.k, hc), keys.heads(keys.v, hc)
             r0, r1 = plan.rows[ri]
             rows = (slice(hc.b0, hc.b1), slice(hc.h0, hc.h1), slice(None), slice(r0, r1), ...)
-            q_shifted = _merge(xp, _append_column(xp, pb.q[rows] * pb.scale, -bound[rows]))
+            q_shifted = _merge(xp, _append_column(xp, pb.q[rows], -bound[rows]))
             g = int(pb.q.shape[2])
             acc = None
             for c0, c1, full in plan.visible[ri]:
                 s = _scores(pb, pattern, hc, q_shifted, k, g, r0, r1, c0, c1, full)
-                part = _split(xp, _merge(xp, exp_inplace(xp, s)) @ v[:, :, c0:c1, :], g)
+                part = _split(xp, _merge(xp, exp2_inplace(xp, s)) @ v[:, :, c0:c1, :], g)
                 if acc is None:
                     acc = part
                 else:
                     acc += part
             if acc is not None:  # (no visible tile: l stays 0, and the unit is declined)
-                o[rows] = acc[..., :-1]
-                total[rows] = acc[..., -1:]
+                ell = acc[..., -1:]
+                total[rows] = ell
+                o[rows] = acc[..., :-1] / xp.where(ell >= min_total, ell, xp.ones_like(ell))
 
     _run(xp, run, items, serial=serial)
-    # a row sum is at most n_k times its largest weight: l >= n_k exp(-G) => max >= exp(-G)
-    min_total = pb.n_k * float(xp.finfo(pb.q.dtype).smallest_normal) ** 0.25
     accepted = total >= min_total  # also False for NaN
     safe = xp.where(accepted, total, xp.ones_like(total))
-    o /= safe
     lse[...] = (bound + xp.log(safe))[..., 0]
     if all_true(xp, accepted):
         return []
@@ -695,11 +713,11 @@ def _fill_weights(
 ) -> None:
     """Second pass over the tiles: ``P = exp(S - lse)`` into ``weights`` (0 elsewhere)."""
     xp = pb.xp
-    lse_safe = xp.where(xp.isfinite(lse), lse, xp.zeros_like(lse))
+    lse_safe = xp.where(xp.isfinite(lse), lse * LOG2E, xp.zeros_like(lse))  # base 2
     for c0, c1, full in tiles:
         s = _scores(pb, pattern, hc, q_scaled, k, g, r0, r1, c0, c1, full)
         s -= lse_safe
-        weights[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, c0:c1] = exp_inplace(xp, s)
+        weights[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, c0:c1] = exp2_inplace(xp, s)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -785,10 +803,11 @@ def _backward_unit(
 
     .. math::
 
-        [\mathrm{scale}\,Q,\ -\mathrm{lse}]\,[K,\ 1]^\top = S - \mathrm{lse}, \qquad
+        [\mathrm{scale}\,Q,\ -\mathrm{lse}]\,\log_2 e\,[K,\ 1]^\top
+            = \log_2 e\,(S - \mathrm{lse}), \qquad
         [dO,\ -c]\,[V,\ 1]^\top = dO\,V^\top - c,
 
-    so a tile costs two elementwise passes (``exp`` and the product ``P o (dP - c)``) besides
+    so a tile costs two elementwise passes (``exp2`` and the product ``P o (dP - c)``) besides
     its four GEMMs. With dropout, ``dP = (dO V^T) o D`` and ``c`` is subtracted separately.
 
     ``d_k`` and ``d_v`` are updated by ``__setitem__`` on the whole array (not through a view),
@@ -813,7 +832,7 @@ def _backward_unit(
     if d_w_u is not None:
         for c0, c1, full in tiles:  # extra pass: rowsum(P o dW) needs the whole row
             s = _scores(pb, pattern, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full)
-            c = c + xp.sum(exp_inplace(xp, s) * d_w_u[..., c0:c1], axis=-1, keepdims=True)
+            c = c + xp.sum(exp2_inplace(xp, s) * d_w_u[..., c0:c1], axis=-1, keepdims=True)
     d_o_m = d_o_shifted = None
     if d_o is not None:
         d_o_m = _merge(xp, d_o[rows])
@@ -821,7 +840,7 @@ def _backward_unit(
             d_o_shifted = _merge(xp, _append_column(xp, d_o[rows], -c))
     d_q = xp.zeros(tuple(q_scaled.shape), dtype=q.dtype, device=device_of(q))
     for c0, c1, full in tiles:
-        p = exp_inplace(xp, _scores(pb, pattern, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full))
+        p = exp2_inplace(xp, _scores(pb, pattern, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full))
         drop = _tile(pb.drop, hc, r0, r1, c0, c1)
         if d_o_m is not None:
             p_drop = p if drop is None else p * drop
@@ -848,18 +867,24 @@ def _backward_unit(
 
 @dataclass
 class AugmentedKeys(_ChunkKeys):
-    """``[K, 1]`` and, without dropout, ``[V, 1]`` (else None) for :func:`_backward_unit`."""
+    """``LOG2E [K, 1]`` and, without dropout, ``[V, 1]`` (else None) for :func:`_backward_unit`.
+
+    ``LOG2E`` on the keys puts the recomputed scores in base-2 units while the scaled queries,
+    which ``dK`` needs, stay as they are.
+    """
 
     k: Array
     v: Array | None
 
     @classmethod
     def of(cls, pb: Problem, with_v: bool, chunk: Heads | None = None) -> AugmentedKeys:
+        xp = pb.xp
         k = pb.k if chunk is None else _kv(pb.k, chunk)
         v = None
         if with_v and pb.drop is None:
-            v = _append_column(pb.xp, pb.v if chunk is None else _kv(pb.v, chunk))
-        return cls(chunk, _append_column(pb.xp, k), v)
+            v = _append_column(xp, pb.v if chunk is None else _kv(pb.v, chunk))
+        log2e = xp.full((*k.shape[:-1], 1), LOG2E, dtype=k.dtype, device=device_of(k))
+        return cls(chunk, _append_column(xp, k * LOG2E, log2e), v)
 
 
 # ----------------------------------------------------------------------------- SDPA

@@ -105,9 +105,8 @@ Array = Any
 
 #: default query and key block size (rows and columns of a tile)
 DEFAULT_BLOCK = 512
-#: largest tile (all heads of a unit) in bytes; units take as many heads as fit (1 MiB: a tile
-#: stays in a core's L2 cache from its GEMM through its exp2 to the next GEMM)
-_TILE_BYTES = 2**20
+#: largest tile (all heads of a unit) in bytes; units take as many heads as fit
+_TILE_BYTES = 2 * 2**20
 #: ``K`` and ``V`` up to this many bytes are augmented once per call, larger ones per head chunk
 _SHARED_KEY_BYTES = 4 * 2**20
 #: calls whose scores take fewer bytes than this run serially (threads would cost more)

@@ -31,7 +31,15 @@ from typing import Any
 from array_api_compat import device as _device_of
 from array_api_compat import is_cupy_namespace, is_numpy_namespace
 
-from ._backend import check_floating, describe, floating_dtype, is_sparse, namespace, sparse_module
+from ._backend import (
+    check_floating,
+    describe,
+    exp_inplace,
+    floating_dtype,
+    is_sparse,
+    namespace,
+    sparse_module,
+)
 
 __all__ = ["DynamicAttention"]
 
@@ -256,13 +264,6 @@ def _put(xp: Any, a: Array, idx: list[int], idx_dev: Array, values: Array, *, ax
             a[r, ...] = values[k, ...] if values.ndim > 1 else values[k]
         else:
             a[:, r] = values[:, k]
-
-
-def _exp_inplace(xp: Any, x: Array) -> Array:
-    """``exp(x)``, written into ``x`` where the backend allows (saves a large temporary)."""
-    if _fancy_setitem(xp):
-        return xp.exp(x, out=x)
-    return xp.exp(x)
 
 
 def _to_host(x: Any) -> Any:
@@ -1039,7 +1040,7 @@ class DynamicAttention:
             m_rows = [J[k] for k in mult]
             m_dev = xp.asarray(m_rows, dtype=xp.int64, device=self._device)
             M_mult = M if len(mult) == len(J) else M[mult]
-            N_mult = _exp_inplace(xp, self._scale * self._spmm(M_mult, self._QT))
+            N_mult = exp_inplace(xp, self._scale * self._spmm(M_mult, self._QT))
             old_mult = self._take_rows(self._At, m_rows, m_dev, "old_mult")
             N_mult *= old_mult
             top = xp.max(N_mult, axis=0)  # exp(new max score - c)
@@ -1054,7 +1055,7 @@ class DynamicAttention:
             old_mult *= f
         if fresh:
             S_fresh -= self._c
-            new = _exp_inplace(xp, S_fresh)
+            new = exp_inplace(xp, S_fresh)
             rows = [J[k] for k in fresh]
             self._commit_columns(rows, xp.asarray(rows, dtype=xp.int64), new, None)
             for r in rows:
@@ -1238,7 +1239,7 @@ class DynamicAttention:
         S = self._scale * (K @ self._Q.T)  # (n_k, n_q): the layout of Aᵀ
         c = xp.max(S, axis=0) + _SHIFT_MARGIN
         S -= c
-        E = _exp_inplace(xp, S)
+        E = exp_inplace(xp, S)
         cap = self._K.shape[0]
         if cap == nk:
             self._At = E

@@ -661,6 +661,8 @@ def _bounded_forward(
     share = _share_keys(pb, items)
     shared = BoundedKeys.of(pb) if share else None
 
+    g = int(pb.q.shape[2])
+
     def run(item: tuple[Heads | None, list[tuple[Heads, int]]]) -> None:
         chunk, units = item
         keys = shared if share else BoundedKeys.of(pb, chunk)
@@ -669,7 +671,6 @@ def _bounded_forward(
             r0, r1 = plan.rows[ri]
             rows = (slice(hc.b0, hc.b1), slice(hc.h0, hc.h1), slice(None), slice(r0, r1), ...)
             q_shifted = _merge(xp, _append_column(xp, pb.q[rows], -bound[rows]))
-            g = int(pb.q.shape[2])
             acc = None
             for c0, c1, full in plan.visible[ri]:
                 s = _scores(pb, pattern, hc, q_shifted, k, g, r0, r1, c0, c1, full)

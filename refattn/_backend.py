@@ -169,6 +169,22 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _forget_pool_after_fork() -> None:
+    """In a forked child, drop the parent's pool: its threads were not copied by ``fork``.
+
+    Otherwise the child's executor still counts the parent's idle worker, queues work for
+    it, and ``parallel_map`` waits forever (multiprocessing's "fork" start method, data
+    loader workers). The child builds its own pool on first use.
+    """
+    global _POOL
+    _POOL = None
+    _WORKING.active = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def parallel_map(xp: ModuleType, fn: Callable[[T], R], items: Sequence[T] | Iterable[T]) -> list[R]:
     """``[fn(i) for i in items]``, run across CPU threads for NumPy.
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import threading
 
 import numpy as np
@@ -86,6 +89,33 @@ def test_nested_parallel_map_runs_serially(two_threads):
     assert [value for _, value in flat] == [0, 1, 10, 11, 20, 21, 30, 31]
     for part in results:  # the inner items ran on the thread that called parallel_map
         assert part[0][0] == part[1][0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_parallel_map_works_in_a_forked_child(two_threads):
+    # the parent's pool threads do not exist in a forked child (multiprocessing's "fork" start
+    # method, DataLoader-style workers); a child using the parent's pool would wait forever
+    xp = default_namespace()
+    assert parallel_map(xp, lambda i: i * i, range(4)) == [0, 1, 4, 9]  # the pool now exists
+    assert _backend._POOL is not None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report the result (or nothing, if it hangs) and leave at once
+        try:
+            os.close(read)
+            os.write(write, repr(parallel_map(xp, lambda i: i + 1, range(4))).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 30.0)
+        reply = os.read(read, 100).decode() if ready else "timeout"
+    finally:
+        os.close(read)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert reply == "[1, 2, 3, 4]"
 
 
 def test_matmul_scratch_reuses_one_array_per_thread_and_slot():

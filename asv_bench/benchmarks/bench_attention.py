@@ -6,7 +6,7 @@ Both implementations run in the same suite, so ``asv compare``-free ratios come 
 
 from __future__ import annotations
 
-from .common import randn, torch_or_skip
+from .common import interleaved_ratio, randn, torch_or_skip
 
 SHAPES = [(8, 512, 64), (2, 4096, 64), (1, 8192, 64)]
 
@@ -51,6 +51,39 @@ def _inputs(dtype: str, shape: str) -> tuple:
     return _INPUTS[key]
 
 
+def _sdpa_calls(implementation: str, dtype: str, shape: str) -> tuple:
+    """``(forward, forward_backward)`` of ``implementation`` on :func:`_inputs`."""
+    q, k, v, do = _inputs(dtype, shape)
+    if implementation == "refattn":
+        import refattn
+
+        sdpa = refattn.scaled_dot_product_attention
+
+        def forward():
+            return sdpa(q, k, v)
+
+        def forward_backward():
+            _, pullback = refattn.vjp(sdpa, q, k, v)
+            return pullback(do)
+
+    else:
+        torch = torch_or_skip()
+        tq, tk, tv = (torch.from_numpy(a).requires_grad_(True) for a in (q, k, v))
+        tdo = torch.from_numpy(do)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def forward():
+            with torch.no_grad():
+                return sdpa(tq, tk, tv)
+
+        def forward_backward():
+            for t in (tq, tk, tv):
+                t.grad = None
+            sdpa(tq, tk, tv).backward(tdo)
+
+    return forward, forward_backward
+
+
 class ScaledDotProductAttention:
     """Self-attention at ``(batch, n, d)`` with one head, forward and forward+backward.
 
@@ -68,35 +101,7 @@ class ScaledDotProductAttention:
     timeout = 300
 
     def setup(self, implementation, dtype, shape):
-        q, k, v, do = _inputs(dtype, shape)
-        if implementation == "refattn":
-            import refattn
-
-            sdpa = refattn.scaled_dot_product_attention
-
-            def forward():
-                return sdpa(q, k, v)
-
-            def forward_backward():
-                _, pullback = refattn.vjp(sdpa, q, k, v)
-                return pullback(do)
-
-        else:
-            torch = torch_or_skip()
-            tq, tk, tv = (torch.from_numpy(a).requires_grad_(True) for a in (q, k, v))
-            tdo = torch.from_numpy(do)
-            sdpa = torch.nn.functional.scaled_dot_product_attention
-
-            def forward():
-                with torch.no_grad():
-                    return sdpa(tq, tk, tv)
-
-            def forward_backward():
-                for t in (tq, tk, tv):
-                    t.grad = None
-                sdpa(tq, tk, tv).backward(tdo)
-
-        self.forward, self.forward_backward = forward, forward_backward
+        self.forward, self.forward_backward = _sdpa_calls(implementation, dtype, shape)
 
     def time_forward(self, implementation, dtype, shape):
         self.forward()
@@ -109,3 +114,37 @@ class ScaledDotProductAttention:
 
     def peakmem_forward_backward(self, implementation, dtype, shape):
         self.forward_backward()
+
+
+class ScaledDotProductAttentionRatio:
+    """refattn time / torch time for :class:`ScaledDotProductAttention`, timed alternately.
+
+    The ``time_`` benchmarks above time refattn and torch in separate processes, one after the
+    other; on the shared CI machine the load drifts between them, and their ratio for the
+    millisecond-sized cases moved by ±30 % from run to run. These take the two in alternating
+    pairs, each in its own worker process (:func:`~.common.interleaved_ratio`): the measurement
+    to read the issue's targets from.
+    """
+
+    params = (["float32", "float64"], [str(s) for s in SHAPES])
+    param_names = ["dtype", "shape"]
+    number = 1
+    repeat = 1
+    rounds = 1
+    timeout = 600
+    unit = "refattn/torch"
+
+    def setup(self, dtype, shape):
+        torch_or_skip()
+
+    def _ratio(self, which: int, dtype: str, shape: str) -> float:
+        return interleaved_ratio(
+            lambda: _sdpa_calls("refattn", dtype, shape)[which],
+            lambda: _sdpa_calls("torch", dtype, shape)[which],
+        )
+
+    def track_forward(self, dtype, shape):
+        return self._ratio(0, dtype, shape)
+
+    def track_forward_backward(self, dtype, shape):
+        return self._ratio(1, dtype, shape)

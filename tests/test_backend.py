@@ -92,6 +92,7 @@ def test_nested_parallel_map_runs_serially(two_threads):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_parallel_map_works_in_a_forked_child(two_threads):
     # the parent's pool threads do not exist in a forked child (multiprocessing's "fork" start
     # method, DataLoader-style workers); a child using the parent's pool would wait forever
@@ -107,6 +108,7 @@ def test_parallel_map_works_in_a_forked_child(two_threads):
         finally:
             os._exit(0)
     os.close(write)
+    ready = []
     try:
         ready, _, _ = select.select([read], [], [], 30.0)
         reply = os.read(read, 100).decode() if ready else "timeout"

@@ -512,6 +512,12 @@ def _append_column(xp: Any, x: Array, column: Array | None = None) -> Array:
     return xp.concat([x, column], axis=-1)
 
 
+def _base2_keys(xp: Any, k: Array, factor: float) -> Array:
+    """``LOG2E [factor K, 1]``: against a query row ``[q, -b]``, ``LOG2E (factor q.k - b)``."""
+    log2e = xp.full((*k.shape[:-1], 1), LOG2E, dtype=k.dtype, device=device_of(k))
+    return _append_column(xp, k * (factor * LOG2E), log2e)
+
+
 @dataclass
 class _ChunkKeys:
     """Arrays of one head chunk (``chunk``), or of all heads (``chunk`` None)."""
@@ -540,8 +546,7 @@ class BoundedKeys(_ChunkKeys):
         xp = pb.xp
         k = pb.k if chunk is None else _kv(pb.k, chunk)
         v = pb.v if chunk is None else _kv(pb.v, chunk)
-        log2e = xp.full((*k.shape[:-1], 1), LOG2E, dtype=k.dtype, device=device_of(k))
-        return cls(chunk, _append_column(xp, k * (pb.scale * LOG2E), log2e), _append_column(xp, v))
+        return cls(chunk, _base2_keys(xp, k, pb.scale), _append_column(xp, v))
 
 
 def _row_bounds(pb: Problem) -> Array | None:
@@ -883,8 +888,7 @@ class AugmentedKeys(_ChunkKeys):
         v = None
         if with_v and pb.drop is None:
             v = _append_column(xp, pb.v if chunk is None else _kv(pb.v, chunk))
-        log2e = xp.full((*k.shape[:-1], 1), LOG2E, dtype=k.dtype, device=device_of(k))
-        return cls(chunk, _append_column(xp, k * LOG2E, log2e), v)
+        return cls(chunk, _base2_keys(xp, k, 1.0), v)
 
 
 # ----------------------------------------------------------------------------- SDPA

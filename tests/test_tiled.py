@@ -311,6 +311,33 @@ def test_bounded_forward_declines_tiny_values(monkeypatch):
     assert rel_err(out.astype(np.float64), ref) <= 1e-6
 
 
+def test_bounded_forward_checks_all_values_when_the_first_key_is_zero(monkeypatch):
+    # the value check tries the first key's values first; when they are all 0 it must look at
+    # the rest of V (ordinary values: the bounded forward is taken) rather than decline
+    calls = _count_online_units(monkeypatch)
+    rng = np.random.default_rng(15)
+    q, k, v = (x.astype(np.float32) for x in make_inputs(rng, (1, 2, 20, 8)))
+    v[..., 0, :] = 0.0
+    out = sdpa(q, k, v, implementation="tiled", block_size=8)
+    assert calls[0] == 0
+    ref = sdpa(*(x.astype(np.float64) for x in (q, k, v)), implementation="materialized")
+    assert rel_err(out.astype(np.float64), ref) <= 2e-6
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_bounded_forward_non_finite_values_beyond_the_first_key(bad):
+    # a non-finite value past the first key passes the value check; the outputs that use it
+    # are NaN or inf exactly where the materialized op has them, the others agree
+    rng = np.random.default_rng(16)
+    q, k, v = make_inputs(rng, (1, 2, 20, 8))
+    v[0, 1, 7, 3] = bad
+    out = sdpa(q, k, v, implementation="tiled", block_size=8)
+    ref = sdpa(q, k, v, implementation="materialized")
+    assert np.array_equal(np.isfinite(out), np.isfinite(ref))
+    assert not np.all(np.isfinite(out))
+    assert rel_err(out, ref) <= 1e-13
+
+
 def test_bounded_forward_rows_without_keys():
     # a fully masked row has l = 0: the unit is declined and the row gives 0 and lse = -inf
     rng = np.random.default_rng(14)

@@ -171,3 +171,49 @@ def test_exp2_inplace_is_exp_of_log2e_times_x(xp, dtype):
     assert got[-1] == 0.0 and got[-2] == 1.0
     if _backend.is_numpy_namespace(xp):
         assert out is x  # overwritten, no new array
+
+
+_MALLINFO_PROBE = """
+import ctypes
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+import refattn
+before = libc.mallinfo2().hblks
+block = libc.malloc(8 * 2**20)
+print(libc.mallinfo2().hblks - before)  # 1 if the 8 MiB block is a fresh mapping
+libc.free(block)
+"""
+
+
+def _mapped_blocks_after_import(prime: str) -> int:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REFATTN_MALLOC_PRIME": prime}
+    out = subprocess.run(
+        [sys.executable, "-c", _MALLINFO_PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.strip())
+
+
+def test_import_raises_the_glibc_mmap_threshold():
+    """After ``import refattn``, an 8 MiB temporary comes from the heap, not a fresh mapping.
+
+    The opt-out run shows that the probe can tell the two apart in this environment.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc only")
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("mallinfo2 needs glibc >= 2.33")
+    assert _mapped_blocks_after_import("0") == 1
+    assert _mapped_blocks_after_import("1") == 0

@@ -196,7 +196,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_tiled_equals_materialized(xp, name):
+def test_tiled_equals_materialized(xp, name, bounded_form):
     q_shape, kv_heads, n_k, options_of, block = CONFIGS[name]
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
     q, k, v = make_inputs(rng, q_shape, kv_heads=kv_heads, n_k=n_k, d_v=3)
@@ -258,8 +258,37 @@ def _count_online_units(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.fixture(params=["augmented", "plain"])
+def bounded_form(request, monkeypatch) -> str:
+    """Runs a test with each form of the bounded forward's tiles, whatever the row count."""
+    monkeypatch.setattr(tiled, "_AUGMENT_ROWS", -1 if request.param == "augmented" else 2**62)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    ("n_q", "kv_heads", "augmented"),
+    [(2048, None, False), (2049, None, True), (1024, 1, False), (1025, 1, True)],
+)
+def test_bounded_forward_augments_keys_that_meet_many_rows(monkeypatch, n_q, kv_heads, augmented):
+    # the keys are augmented when g * n_q > 2048 (two query heads share one kv head in the
+    # GQA cases); both forms give what the materialized op gives
+    forms = []
+    unit = tiled._bounded_unit
+
+    def recorded(*args):
+        forms.append(args[-1] is not None)
+        return unit(*args)
+
+    monkeypatch.setattr(tiled, "_bounded_unit", recorded)
+    rng = np.random.default_rng(17)
+    q, k, v = make_inputs(rng, (1, 2, n_q, 4), kv_heads=kv_heads, n_k=12)
+    out = sdpa(q, k, v, implementation="tiled")
+    assert forms and set(forms) == {augmented}
+    assert rel_err(out, sdpa(q, k, v, implementation="materialized")) <= 1e-13
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_bounded_forward_taken_on_ordinary_inputs(monkeypatch, dtype):
+def test_bounded_forward_taken_on_ordinary_inputs(monkeypatch, dtype, bounded_form):
     # unit-variance inputs: every unit takes the single-pass bounded-shift forward, and it
     # gives what the materialized softmax gives
     calls = _count_online_units(monkeypatch)
@@ -276,7 +305,7 @@ def test_bounded_forward_taken_on_ordinary_inputs(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_bounded_forward_declines_wide_gaps(monkeypatch, dtype):
+def test_bounded_forward_declines_wide_gaps(monkeypatch, dtype, bounded_form):
     # Each query is long and orthogonal to the longest key: the Cauchy-Schwarz bound
     # scale |q| max|k| sits far above every actual score, so exp(S - bound) would underflow
     # and the unit must go to the online softmax.
@@ -311,7 +340,7 @@ def test_bounded_forward_declines_tiny_values(monkeypatch):
     assert rel_err(out.astype(np.float64), ref) <= 1e-6
 
 
-def test_bounded_forward_checks_all_values_when_the_first_key_is_zero(monkeypatch):
+def test_bounded_forward_checks_all_values_when_the_first_key_is_zero(monkeypatch, bounded_form):
     # the value check tries the first key's values first; when they are all 0 it must look at
     # the rest of V (ordinary values: the bounded forward is taken) rather than decline
     calls = _count_online_units(monkeypatch)
@@ -325,7 +354,7 @@ def test_bounded_forward_checks_all_values_when_the_first_key_is_zero(monkeypatc
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_bounded_forward_non_finite_values_beyond_the_first_key(bad):
+def test_bounded_forward_non_finite_values_beyond_the_first_key(bad, bounded_form):
     # a non-finite value past the first key passes the value check; the outputs that use it
     # are NaN or inf exactly where the materialized op has them, the others agree
     rng = np.random.default_rng(16)
@@ -338,7 +367,7 @@ def test_bounded_forward_non_finite_values_beyond_the_first_key(bad):
     assert rel_err(out, ref) <= 1e-13
 
 
-def test_bounded_forward_rows_without_keys():
+def test_bounded_forward_rows_without_keys(bounded_form):
     # a fully masked row has l = 0: the unit is declined and the row gives 0 and lse = -inf
     rng = np.random.default_rng(14)
     q, k, v = make_inputs(rng, (1, 1, 12, 4), n_k=10)

@@ -109,6 +109,8 @@ DEFAULT_BLOCK = 512
 _TILE_BYTES = 2 * 2**20
 #: ``K`` and ``V`` up to this many bytes are augmented once per call, larger ones per head chunk
 _SHARED_KEY_BYTES = 4 * 2**20
+#: the bounded forward augments the keys when they meet more query rows (``g n_q``) than this
+_AUGMENT_ROWS = 2048
 #: calls whose scores take fewer bytes than this run serially (threads would cost more)
 _SERIAL_BYTES = 2**20
 
@@ -654,22 +656,31 @@ def _bounded_forward(
         E = 2^{\log_2 e\,(S - b)}, \qquad \ell = \mathrm{rowsum}\,E, \qquad
         O = E V / \ell, \qquad \mathrm{lse} = b + \log \ell,
 
-    the same quantities as the online softmax, since any shift cancels. Both row terms move
-    into the GEMMs as an extra column, with the keys augmented once (:class:`BoundedKeys`):
+    the same quantities as the online softmax, since any shift cancels. A tile takes one of two
+    forms (:func:`_bounded_unit`):
 
-    .. math::
+    * *augmented*, when a kv head's keys meet more than :data:`_AUGMENT_ROWS` query rows
+      (``g n_q``): both row terms move into the GEMMs as an extra column, with the keys
+      augmented once per call or head chunk (:class:`BoundedKeys`),
 
-        [Q,\ -b]\,\log_2 e\,[\mathrm{scale}\,K,\ 1]^\top = \log_2 e\,(S - b), \qquad
-        E\,[V,\ 1] = [E V,\ \ell],
+      .. math::
 
-    leaving one elementwise pass per tile, the ``exp2``. The thread that owns a unit
-    computes its rows' ``|q_i|``; the per-head ``max_j |k_j|`` is computed before the threads
-    start, and the LSE and the acceptance test after they end, each vectorized over the whole
-    call. (Computing the tile as ``log2(e) scale Q K^T``, then ``- log2(e) b`` and the row sum
-    ``E 1`` (a GEMV) as separate passes, without the augmented copies, measured 3 % faster
-    for one 512-row block of 8 heads; but the heap it left behind made glibc return memory to
-    the system after every following backward: 3000 page faults and 7 % more time per float64
-    forward + backward at that shape.)
+          [Q,\ -b]\,\log_2 e\,[\mathrm{scale}\,K,\ 1]^\top = \log_2 e\,(S - b), \qquad
+          E\,[V,\ 1] = [E V,\ \ell],
+
+      leaving one elementwise pass per tile, the ``exp2``;
+    * *plain*, otherwise: ``log2(e) scale Q K^T``, then ``- log2(e) b`` and the ``exp2`` as
+      two elementwise passes, and the row sum as a GEMV ``E 1``.
+
+    The copies of ``K`` and ``V`` are made once per call, before the threads start, and pay
+    off over many row blocks; with few rows the two extra passes per tile cost less.
+    Measured at 2 threads, float32: the plain form 3-4 % faster at (8, 512, 64) (in float64
+    too), equal at (4, 1024, 64) and (2, 2048, 64), 2-4 % slower at (2, 4096, 64) and
+    (1, 8192, 64).
+
+    The thread that owns a unit computes its rows' ``|q_i|``; the per-head ``max_j |k_j|`` is
+    computed before the threads start, and the LSE and the acceptance test after they end,
+    each vectorized over the whole call.
 
     The bound may exceed the true row max ``m`` by a wide margin, and weights scaled by
     ``exp(m - b)`` lose precision once they approach the smallest normal number. A unit is
@@ -697,34 +708,26 @@ def _bounded_forward(
     # per row: the bound b and the row sum l, for the LSE and the acceptance test
     bound = xp.empty((*lse.shape, 1), dtype=lse.dtype, device=device_of(lse))
     total = xp.empty_like(bound)
-    share = _share_keys(pb, items)
+    augment = g * pb.n_q > _AUGMENT_ROWS
+    share = augment and _share_keys(pb, items)
     shared = BoundedKeys.of(pb) if share else None
 
     def run(item: tuple[Heads | None, list[tuple[Heads, int]]]) -> None:
         chunk, units = item
-        keys = shared if share else BoundedKeys.of(pb, chunk)
+        keys = BoundedKeys.of(pb, chunk) if augment and not share else shared  # None: plain
         for hc, ri in units:
-            k, v = keys.heads(keys.k, hc), keys.heads(keys.v, hc)
             r0, r1 = plan.rows[ri]
             rows = (slice(hc.b0, hc.b1), slice(hc.h0, hc.h1), slice(None), slice(r0, r1), ...)
             q = pb.q[rows]
             bound_u = xp.sqrt(xp.vecdot(q, q, axis=-1))[..., None] * _kv(key_bounds, hc)
-            q_shifted = _merge(xp, _append_column(xp, q, -bound_u))
             bound[rows] = bound_u
-            acc = None
-            for c0, c1, full in plan.visible[ri]:
-                s = _scores(pb, pattern, hc, q_shifted, k, g, r0, r1, c0, c1, full)
-                part = _split(xp, _merge(xp, exp2_inplace(xp, s)) @ v[:, :, c0:c1, :], g)
-                if acc is None:
-                    acc = part
-                else:
-                    acc += part
-            if acc is None:  # no visible tile: l = 0, declined below
+            sums = _bounded_unit(pb, pattern, plan, hc, ri, q, bound_u, keys)
+            if sums is None:  # no visible tile: l = 0, declined below
                 total[rows] = 0.0
                 continue
-            ell = acc[..., -1:]
+            acc, ell = sums
             # rows with a small (or NaN) sum are declined below; raised, they warn of nothing
-            o[rows] = acc[..., :-1] / xp.maximum(ell, min_total)
+            o[rows] = acc / xp.maximum(ell, min_total)
             total[rows] = ell
 
     _run(xp, run, items, serial=serial)
@@ -738,6 +741,56 @@ def _bounded_forward(
         if not all_true(xp, accepted[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :]):
             declined.append((None, [(hc, ri)]))
     return declined
+
+
+def _bounded_unit(
+    pb: Problem,
+    pattern: Pattern | None,
+    plan: Plan,
+    hc: Heads,
+    ri: int,
+    q: Array,
+    bound: Array,
+    keys: BoundedKeys | None,
+) -> tuple[Array, Array] | None:
+    """``(E V, rowsum E)`` of one unit, ``(b, h, g, r, d_v)`` and ``(b, h, g, r, 1)``.
+
+    Summed over the unit's visible tiles, with ``E = exp(S - bound)``; None if it has none.
+    ``keys`` selects the augmented form (:func:`_bounded_forward`), None the plain one.
+    """
+    xp = pb.xp
+    g = int(q.shape[2])
+    r0, r1 = plan.rows[ri]
+    if keys is not None:
+        q_in = _merge(xp, _append_column(xp, q, -bound))
+        k, v = keys.heads(keys.k, hc), keys.heads(keys.v, hc)
+    else:
+        q_in = _merge(xp, q * (pb.scale * LOG2E))
+        k, v = _kv(pb.k, hc), _kv(pb.v, hc)
+        shift = bound * LOG2E
+        ones = xp.ones((pb.n_k, 1), dtype=q.dtype, device=device_of(q))
+    acc = ell = None
+    for c0, c1, full in plan.visible[ri]:
+        s = _scores(pb, pattern, hc, q_in, k, g, r0, r1, c0, c1, full)
+        if keys is None:
+            s -= shift
+        e = _merge(xp, exp2_inplace(xp, s))
+        part = _split(xp, e @ v[:, :, c0:c1, :], g)
+        if acc is None:
+            acc = part
+        else:
+            acc += part
+        if keys is None:
+            part_ell = _split(xp, e @ ones[c0:c1, :], g)
+            if ell is None:
+                ell = part_ell
+            else:
+                ell += part_ell
+    if acc is None:
+        return None
+    if keys is not None:
+        return acc[..., :-1], acc[..., -1:]
+    return acc, ell
 
 
 def _fill_weights(

@@ -198,8 +198,9 @@ def _raise_malloc_mmap_threshold() -> bool:
     (up to 32 MiB), and the heap's trim threshold to twice that. Until a process has freed a
     block that large, every call of an op re-maps and re-faults its temporaries. Measured on
     the 2-core VM, in fresh processes: 1000 faults per float64 (8, 512, 64) forward +
-    backward, 1300 per float32 (4, 512, 64) forward (+45 %), 3100 per forward + backward
-    (+65 %); after this one free, at most 2 per call for every benchmarked shape.
+    backward; 1300 per float32 (4, 512, 64) forward (4.85 ms, against 2.61 ms without them)
+    and 3400 per forward + backward (12.3 ms against 7.0 ms). After this one free, at most 5
+    per call for every benchmarked shape, at 1 and 2 threads (docs/efficient.md).
 
     The effect is the one any program gets after freeing a 16 MiB array; the block is
     never touched, so it costs two system calls. Nothing happens where the threshold is

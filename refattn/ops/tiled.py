@@ -775,22 +775,22 @@ def _bounded_unit(
         if keys is None:
             s -= shift
         e = _merge(xp, exp2_inplace(xp, s))
-        part = _split(xp, e @ v[:, :, c0:c1, :], g)
-        if acc is None:
-            acc = part
-        else:
-            acc += part
+        acc = _accumulate(acc, _split(xp, e @ v[:, :, c0:c1, :], g))
         if keys is None:
-            part_ell = _split(xp, e @ ones[c0:c1, :], g)
-            if ell is None:
-                ell = part_ell
-            else:
-                ell += part_ell
+            ell = _accumulate(ell, _split(xp, e @ ones[c0:c1, :], g))
     if acc is None:
         return None
     if keys is not None:
         return acc[..., :-1], acc[..., -1:]
     return acc, ell
+
+
+def _accumulate(total: Array | None, part: Array) -> Array:
+    """``total + part``, in place into ``total``; ``part`` itself when ``total`` is None."""
+    if total is None:
+        return part
+    total += part
+    return total
 
 
 def _fill_weights(

@@ -340,9 +340,54 @@ def test_bounded_forward_declines_tiny_values(monkeypatch):
     assert rel_err(out.astype(np.float64), ref) <= 1e-6
 
 
+def _record_shifts(monkeypatch) -> list[bool]:
+    """Record, per unit of the bounded forward, whether its scores were shifted."""
+    shifted = []
+    unit = tiled._bounded_unit
+
+    def recorded(*args):
+        shifted.append(args[6] is not None)
+        return unit(*args)
+
+    monkeypatch.setattr(tiled, "_bounded_unit", recorded)
+    return shifted
+
+
+@pytest.mark.parametrize(
+    ("case", "shifted"),
+    [
+        ("ordinary", False),  # bounds ~ 10, limit ~ 80: no shift needed
+        ("long queries", True),  # bounds ~ 100 would overflow exp in float32
+        ("large values", True),  # bounds ~ 10, but n_k e^10 max|V| would overflow E V
+    ],
+)
+def test_bounded_forward_shifts_only_rows_that_could_overflow(monkeypatch, case, shifted):
+    # The plain form skips the shift when scale |q_i| max|k| (>= every score) is small enough
+    # that no weight, row sum or E V can overflow; long queries or large values are shifted.
+    # Both give what the float64 materialized op gives, with no inf anywhere.
+    monkeypatch.setattr(tiled, "_AUGMENT_ROWS", 2**62)
+    calls = _count_online_units(monkeypatch)
+    shifts = _record_shifts(monkeypatch)
+    rng = np.random.default_rng(18)
+    q, k, v = make_inputs(rng, (1, 2, 48, 16), n_k=40)
+    if case == "long queries":  # along the longest key, so that the bound is nearly reached
+        k[..., 0, :] = 0.0
+        k[..., 0, 0] = 10.0
+        q[..., 0] = 40.0
+    elif case == "large values":
+        v = v * 1e35
+    q, k, v = (x.astype(np.float32) for x in (q, k, v))
+    out, lse = sdpa(q, k, v, return_lse=True, implementation="tiled", block_size=16)
+    assert calls[0] == 0 and shifts and set(shifts) == {shifted}
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    ref, ref_lse = sdpa(q, k, v, return_lse=True, implementation="materialized")
+    assert rel_err(out.astype(np.float64), ref) <= 1e-5
+    assert rel_err(lse.astype(np.float64), ref_lse) <= 1e-5
+
+
 def test_bounded_forward_checks_all_values_when_the_first_key_is_zero(monkeypatch, bounded_form):
-    # the value check tries the first key's values first; when they are all 0 it must look at
-    # the rest of V (ordinary values: the bounded forward is taken) rather than decline
+    # all-zero values of the first key do not make V look too small to the value check
+    # (ordinary values: the bounded forward is taken)
     calls = _count_online_units(monkeypatch)
     rng = np.random.default_rng(15)
     q, k, v = (x.astype(np.float32) for x in make_inputs(rng, (1, 2, 20, 8)))
@@ -354,9 +399,10 @@ def test_bounded_forward_checks_all_values_when_the_first_key_is_zero(monkeypatc
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_bounded_forward_non_finite_values_beyond_the_first_key(bad, bounded_form):
-    # a non-finite value past the first key passes the value check; the outputs that use it
-    # are NaN or inf exactly where the materialized op has them, the others agree
+def test_bounded_forward_non_finite_values(bad, bounded_form):
+    # a NaN in V declines the bounded forward, an inf makes every unit shift; either way the
+    # outputs that use it are NaN or inf exactly where the materialized op has them, and the
+    # others agree
     rng = np.random.default_rng(16)
     q, k, v = make_inputs(rng, (1, 2, 20, 8))
     v[0, 1, 7, 3] = bad

@@ -24,9 +24,10 @@ so at the end :math:`O = A / \ell` and :math:`\mathrm{lse} = m + \log \ell` exac
 materialized softmax gives them. Only ``O`` and ``lse`` are saved (plus the inputs).
 
 Without a bias or dropout, a faster variant runs first (:func:`_bounded_forward`): each row is
-shifted by an upper bound of its scores known in advance, so the weights need no running max and
-the accumulators no rescaling; units whose rows would lose precision that way are computed by
-the online softmax above.
+shifted by an upper bound of its scores known in advance (or not at all, when that bound shows
+that nothing can overflow), so the weights need no running max and the accumulators no
+rescaling; units whose rows would lose precision that way are computed by the online softmax
+above.
 
 Base 2. The kernels compute every weight as :math:`e^{x} = 2^{x \log_2 e}`, with
 :math:`\log_2 e` folded into a GEMM operand (the scaled queries, or the augmented keys), so
@@ -561,35 +562,41 @@ class BoundedKeys(_ChunkKeys):
         return cls(chunk, _base2_keys(xp, k, pb.scale), _append_column(xp, v))
 
 
-def _values_large_enough(xp: Any, v: Array) -> bool:
-    """Whether ``max |V| >= smallest_normal^(3/4)``.
+@dataclass(frozen=True)
+class _Bounds:
+    r"""What :func:`_bounded_forward` knows of ``K`` and ``V`` before any tile is computed.
 
-    Any one entry that large proves it: the first key's values are tried before all of ``V``.
-    (A NaN elsewhere in ``V`` then goes through the bounded forward, and gives NaN in the
-    outputs that use it, as every implementation does.)
+    Attributes
+    ----------
+    key : (B, Hkv, 1, 1, 1)
+        :math:`\mathrm{scale} \max_j |k_j|` per kv head: times ``|q_i|`` it bounds row ``i``'s
+        scores.
+    unshifted : float
+        Rows whose bound is at most this need no shift: with :math:`V_{\max} = \max |V|`,
+        :math:`\log(\mathrm{finfo.max}) - 1 - \log n_k - \log \max(V_{\max}, 1)`.
     """
-    limit = float(xp.finfo(v.dtype).smallest_normal) ** 0.75
-    for values in (v[..., :1, :], v):
-        if all_true(xp, xp.maximum(xp.max(values), -xp.min(values)) >= limit):
-            return True
-    return False
 
+    key: Array
+    unshifted: float
 
-def _key_bounds(pb: Problem) -> Array | None:
-    r"""``scale max_j |k_j|`` per kv head, ``(B, Hkv, 1, 1, 1)``, or None.
+    @classmethod
+    def of(cls, pb: Problem) -> _Bounds | None:
+        """The bounds of ``pb``, or None to decline the bounded forward for the whole call.
 
-    Times ``|q_i|`` it bounds row ``i``'s scores (see :func:`_bounded_forward`).
-    None declines the bounded forward for the whole call: no keys, or
-    ``max |V| < smallest_normal^(3/4)`` (products of weights as small as ``exp(-G)`` with such
-    values would be subnormal).
-    """
-    xp = pb.xp
-    if pb.n_k == 0:
-        return None
-    if not _values_large_enough(xp, pb.v):
-        return None
-    k_norm = xp.sqrt(xp.max(xp.vecdot(pb.k, pb.k, axis=-1), axis=-1))  # (B, Hkv)
-    return xp.reshape(k_norm * pb.scale, (*k_norm.shape, 1, 1, 1))
+        Declined: no keys; ``max |V| < smallest_normal^(3/4)`` (products of weights as small as
+        ``exp(-G)`` with such values would be subnormal); a NaN in ``V``.
+        """
+        xp = pb.xp
+        if pb.n_k == 0:
+            return None
+        v_max = float(xp.maximum(xp.max(pb.v), -xp.min(pb.v)))  # NaN if V has one
+        info = xp.finfo(pb.v.dtype)
+        if not v_max >= float(info.smallest_normal) ** 0.75:
+            return None
+        k_norm = xp.sqrt(xp.max(xp.vecdot(pb.k, pb.k, axis=-1), axis=-1))  # (B, Hkv)
+        key = xp.reshape(k_norm * pb.scale, (*k_norm.shape, 1, 1, 1))
+        unshifted = math.log(float(info.max)) - 1.0 - math.log(pb.n_k) - math.log(max(v_max, 1.0))
+        return cls(key, unshifted)
 
 
 def _forward_unit(
@@ -669,45 +676,54 @@ def _bounded_forward(
           E\,[V,\ 1] = [E V,\ \ell],
 
       leaving one elementwise pass per tile, the ``exp2``;
-    * *plain*, otherwise: ``log2(e) scale Q K^T``, then ``- log2(e) b`` and the ``exp2`` as
-      two elementwise passes, and the row sum as a GEMV ``E 1``.
+    * *plain*, otherwise: ``log2(e) scale Q K^T``, the ``exp2``, and the row sum as a GEMV
+      ``E 1``. The shift is not needed at all when nothing can overflow without it: if every
+      row of the unit has :math:`b_i \le \log(\mathrm{finfo.max}) - 1 - \log n_k -
+      \log\max(\max|V|, 1)` (:class:`_Bounds`), then each weight :math:`e^{S} \le e^{b}`, each
+      row sum and each entry of :math:`E V` stay below ``finfo.max / e``, and the unit runs
+      with shift 0 (``lse = log l``), one elementwise pass per tile (the ``exp2``). Otherwise
+      ``- log2(e) b`` is a second pass. (Unit-variance inputs at ``d = 64`` have ``b`` near
+      10; the limit is about 80 in float32 and 700 in float64.)
 
     The copies of ``K`` and ``V`` are made once per call, before the threads start, and pay
-    off over many row blocks; with few rows the two extra passes per tile cost less.
-    Measured at 2 threads, float32: the plain form 3-4 % faster at (8, 512, 64) (in float64
-    too), equal at (4, 1024, 64) and (2, 2048, 64), 2-4 % slower at (2, 4096, 64) and
-    (1, 8192, 64).
+    off over many row blocks; with few rows the plain form costs less. Measured at 2 threads,
+    float32: the plain form 3-4 % faster at (8, 512, 64) (in float64 too), equal at
+    (4, 1024, 64) and (2, 2048, 64), 2-4 % slower at (2, 4096, 64) and (1, 8192, 64) (with
+    the shift; skipping it made the plain form another 2-4 % faster, measured at
+    (8, 512, 64), (4, 1024, 64) and (2, 2048, 64)).
 
-    The thread that owns a unit computes its rows' ``|q_i|``; the per-head ``max_j |k_j|`` is
-    computed before the threads start, and the LSE and the acceptance test after they end,
-    each vectorized over the whole call.
+    The thread that owns a unit computes its rows' ``|q_i|``; the per-head ``max_j |k_j|`` and
+    ``max |V|`` are computed before the threads start, and the LSE and the acceptance test
+    after they end, each vectorized over the whole call.
 
-    The bound may exceed the true row max ``m`` by a wide margin, and weights scaled by
-    ``exp(m - b)`` lose precision once they approach the smallest normal number. A unit is
-    accepted only if every row has ``l >= n_k exp(-G)``, which ensures ``exp(m - b) >= exp(-G)``
-    (``l <= n_k exp(m - b)``), with ``G = -log(smallest_normal) / 4`` (21.8 in float32, 177 in
-    float64): three quarters of the exponent range stay below the largest weight, for the
-    other weights and their products with ``V`` (:func:`_key_bounds` declines ``V`` too
-    small for that). A subnormal contribution then errs by at most half its spacing,
-    ``smallest_normal * eps / 2``, so after the division by ``l`` each of the ``n_k`` terms of
-    ``O`` errs by at most ``smallest_normal^(3/4) eps / 2 <= eps max|V| / 2``. (A subnormal
-    weight itself errs by at most 2 such spacings, measured for NumPy's ``exp2``: after the
-    division, ``2 smallest_normal^(3/4) eps max|V| / n_k`` per term, far below that.)
+    Precision. With the shift ``c`` (``b`` or 0) the largest weight of row ``i`` is
+    ``exp(m - c)``, and it may lie far below 1: the bound may exceed the true row max ``m`` by a
+    wide margin. Weights lose precision once they approach the smallest normal number. A unit
+    is accepted only if every row has ``l >= n_k exp(-G)``, which ensures
+    ``exp(m - c) >= exp(-G)`` (``l <= n_k exp(m - c)``), with ``G = -log(smallest_normal) / 4``
+    (21.8 in float32, 177 in float64): at least three quarters of the exponent range stay below
+    the largest weight, for the other weights and their products with ``V`` (:class:`_Bounds`
+    declines ``V`` too small for that). A subnormal contribution then errs by at most half its
+    spacing, ``smallest_normal * eps / 2``, so after the division by ``l`` each of the ``n_k``
+    terms of ``O`` errs by at most ``smallest_normal^(3/4) eps / 2 <= eps max|V| / 2``. (A
+    subnormal weight itself errs by at most 2 such spacings, measured for NumPy's ``exp2``:
+    after the division, ``2 smallest_normal^(3/4) eps max|V| / n_k`` per term, far below that.)
     Otherwise (wide gaps, rows with no visible key, non-finite inputs) the unit is returned,
     for the online softmax to compute. With unit-variance random inputs the gap ``b - m`` is a
     few units, far inside the limit; it grows with the norms of queries and keys that point
-    apart.
+    apart. Shift 0 accepts every unit that shift ``b`` would: ``b >= 0``, so its row sums are
+    at least as large.
     """
     xp = pb.xp
-    key_bounds = _key_bounds(pb)
-    if key_bounds is None:
+    bounds = _Bounds.of(pb)
+    if bounds is None:
         return items
     # a row sum is at most n_k times its largest weight: l >= n_k exp(-G) => max >= exp(-G)
     min_total = pb.n_k * float(xp.finfo(pb.q.dtype).smallest_normal) ** 0.25
     g = int(pb.q.shape[2])
-    # per row: the bound b and the row sum l, for the LSE and the acceptance test
-    bound = xp.empty((*lse.shape, 1), dtype=lse.dtype, device=device_of(lse))
-    total = xp.empty_like(bound)
+    # per row: the shift (b or 0) and the row sum l, for the LSE and the acceptance test
+    shift = xp.empty((*lse.shape, 1), dtype=lse.dtype, device=device_of(lse))
+    total = xp.empty_like(shift)
     augment = g * pb.n_q > _AUGMENT_ROWS
     share = augment and _share_keys(pb, items)
     shared = BoundedKeys.of(pb) if share else None
@@ -719,9 +735,11 @@ def _bounded_forward(
             r0, r1 = plan.rows[ri]
             rows = (slice(hc.b0, hc.b1), slice(hc.h0, hc.h1), slice(None), slice(r0, r1), ...)
             q = pb.q[rows]
-            bound_u = xp.sqrt(xp.vecdot(q, q, axis=-1))[..., None] * _kv(key_bounds, hc)
-            bound[rows] = bound_u
-            sums = _bounded_unit(pb, pattern, plan, hc, ri, q, bound_u, keys)
+            bound = xp.sqrt(xp.vecdot(q, q, axis=-1))[..., None] * _kv(bounds.key, hc)
+            if keys is None and float(xp.max(bound)) <= bounds.unshifted:
+                bound = None  # the plain form's subtraction is skipped
+            shift[rows] = 0.0 if bound is None else bound
+            sums = _bounded_unit(pb, pattern, plan, hc, ri, q, bound, keys)
             if sums is None:  # no visible tile: l = 0, declined below
                 total[rows] = 0.0
                 continue
@@ -732,7 +750,7 @@ def _bounded_forward(
 
     _run(xp, run, items, serial=serial)
     accepted = total >= min_total  # also False for NaN
-    lse[...] = (bound + xp.log(xp.where(accepted, total, 1.0)))[..., 0]
+    lse[...] = (shift + xp.log(xp.where(accepted, total, 1.0)))[..., 0]
     if all_true(xp, accepted):
         return []
     declined = []
@@ -750,29 +768,33 @@ def _bounded_unit(
     hc: Heads,
     ri: int,
     q: Array,
-    bound: Array,
+    shift: Array | None,
     keys: BoundedKeys | None,
 ) -> tuple[Array, Array] | None:
     """``(E V, rowsum E)`` of one unit, ``(b, h, g, r, d_v)`` and ``(b, h, g, r, 1)``.
 
-    Summed over the unit's visible tiles, with ``E = exp(S - bound)``; None if it has none.
-    ``keys`` selects the augmented form (:func:`_bounded_forward`), None the plain one.
+    Summed over the unit's visible tiles, with ``E = exp(S - shift)`` (``shift`` is
+    ``(b, h, g, r, 1)``, or None for no shift); None if it has no visible tile. ``keys``
+    selects the augmented form (:func:`_bounded_forward`), which needs a ``shift``; None selects
+    the plain one.
     """
     xp = pb.xp
     g = int(q.shape[2])
     r0, r1 = plan.rows[ri]
     if keys is not None:
-        q_in = _merge(xp, _append_column(xp, q, -bound))
+        q_in = _merge(xp, _append_column(xp, q, -shift))
         k, v = keys.heads(keys.k, hc), keys.heads(keys.v, hc)
     else:
         q_in = _merge(xp, q * (pb.scale * LOG2E))
         k, v = _kv(pb.k, hc), _kv(pb.v, hc)
-        shift = bound * LOG2E
         ones = xp.ones((pb.n_k, 1), dtype=q.dtype, device=device_of(q))
+    subtract = keys is None and shift is not None
+    if subtract:
+        shift = shift * LOG2E
     acc = ell = None
     for c0, c1, full in plan.visible[ri]:
         s = _scores(pb, pattern, hc, q_in, k, g, r0, r1, c0, c1, full)
-        if keys is None:
+        if subtract:
             s -= shift
         e = _merge(xp, exp2_inplace(xp, s))
         acc = _accumulate(acc, _split(xp, e @ v[:, :, c0:c1, :], g))

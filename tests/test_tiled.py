@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -245,17 +246,20 @@ def test_threads_lanes_and_head_chunks(monkeypatch):
     assert_agree(*run_both(xp, (q, k, v), options, block_size=(4, 5)))
 
 
-def _count_online_units(monkeypatch) -> list[int]:
-    """Count the units the online-softmax forward computes (those the bounded path declined)."""
-    calls = [0]
+def _online_units(monkeypatch) -> list[tuple]:
+    """Record the units the online-softmax forward computes (those the bounded path declined).
+
+    Appended to a list (atomic under the GIL): units may run on several threads.
+    """
+    units = []
     online = tiled._forward_unit
 
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return online(*args, **kwargs)
+    def recorded(pb, pattern, tiles, hc, r0, r1, weights):
+        units.append((hc, r0))
+        return online(pb, pattern, tiles, hc, r0, r1, weights)
 
-    monkeypatch.setattr(tiled, "_forward_unit", counted)
-    return calls
+    monkeypatch.setattr(tiled, "_forward_unit", recorded)
+    return units
 
 
 @pytest.fixture(params=["augmented", "plain"])
@@ -273,13 +277,13 @@ def test_bounded_forward_augments_keys_that_meet_many_rows(monkeypatch, n_q, kv_
     # the keys are augmented when g * n_q > 2048 (two query heads share one kv head in the
     # GQA cases); both forms give what the materialized op gives
     forms = []
-    unit = tiled._bounded_unit
+    unit = tiled._BoundedCall.unit
 
-    def recorded(*args):
-        forms.append(args[-1] is not None)
-        return unit(*args)
+    def recorded(self, hc, ri, keys):
+        forms.append(keys is not None)
+        return unit(self, hc, ri, keys)
 
-    monkeypatch.setattr(tiled, "_bounded_unit", recorded)
+    monkeypatch.setattr(tiled._BoundedCall, "unit", recorded)
     rng = np.random.default_rng(17)
     q, k, v = make_inputs(rng, (1, 2, n_q, 4), kv_heads=kv_heads, n_k=12)
     out = sdpa(q, k, v, implementation="tiled")
@@ -291,12 +295,12 @@ def test_bounded_forward_augments_keys_that_meet_many_rows(monkeypatch, n_q, kv_
 def test_bounded_forward_taken_on_ordinary_inputs(monkeypatch, dtype, bounded_form):
     # unit-variance inputs: every unit takes the single-pass bounded-shift forward, and it
     # gives what the materialized softmax gives
-    calls = _count_online_units(monkeypatch)
+    online = _online_units(monkeypatch)
     rng = np.random.default_rng(11)
     q, k, v = (x.astype(dtype) for x in make_inputs(rng, (2, 3, 40, 8), n_k=37))
     mask = rng.random((40, 37)) < 0.9
     out, lse = sdpa(q, k, v, mask=mask, return_lse=True, implementation="tiled", block_size=16)
-    assert calls[0] == 0
+    assert len(online) == 0
     q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
     ref, ref_lse = sdpa(q64, k64, v64, mask=mask, return_lse=True, implementation="materialized")
     tol = 1e-13 if dtype == np.float64 else 2e-6
@@ -309,7 +313,7 @@ def test_bounded_forward_declines_wide_gaps(monkeypatch, dtype, bounded_form):
     # Each query is long and orthogonal to the longest key: the Cauchy-Schwarz bound
     # scale |q| max|k| sits far above every actual score, so exp(S - bound) would underflow
     # and the unit must go to the online softmax.
-    calls = _count_online_units(monkeypatch)
+    online = _online_units(monkeypatch)
     rng = np.random.default_rng(12)
     d, n = 4, 24
     q = np.zeros((1, 1, n, d))
@@ -321,35 +325,72 @@ def test_bounded_forward_declines_wide_gaps(monkeypatch, dtype, bounded_form):
     v = rng.standard_normal((1, 1, n, 3))
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     out, lse = sdpa(q, k, v, return_lse=True, implementation="tiled", block_size=8)
-    assert calls[0] == 3  # every row block
+    assert len(online) == 3  # every row block
     ref, ref_lse = sdpa(q, k, v, return_lse=True, implementation="materialized")
     tol = 1e-13 if dtype == np.float64 else 1e-5
     assert rel_err(out, ref) <= tol and rel_err(lse, ref_lse) <= tol
 
 
-def test_bounded_forward_declines_tiny_values(monkeypatch):
+@pytest.mark.parametrize("threaded", [False, True])
+def test_bounded_forward_declines_tiny_values(monkeypatch, threaded):
     # max|V| below smallest_normal^(3/4): weights as small as exp(-G) times V would be
-    # subnormal, so the online softmax computes it, to full float32 relative accuracy
-    calls = _count_online_units(monkeypatch)
+    # subnormal, so the online softmax computes it, to full float32 relative accuracy. With
+    # threads, the units learn it only after their first GEMM (the bounds are a work item).
+    if threaded:
+        monkeypatch.setattr(tiled, "_SERIAL_BYTES", 0)
+        monkeypatch.setattr(tiled, "n_threads", lambda: 3)
+    online = _online_units(monkeypatch)
     rng = np.random.default_rng(13)
     q, k, v = make_inputs(rng, (1, 2, 20, 8))
     v32 = (v * 1e-30).astype(np.float32)
-    out = sdpa(q.astype(np.float32), k.astype(np.float32), v32, implementation="tiled")
-    assert calls[0] > 0
-    ref = sdpa(q, k, v32.astype(np.float64), implementation="materialized")
+    out, lse = sdpa(
+        q.astype(np.float32),
+        k.astype(np.float32),
+        v32,
+        return_lse=True,
+        implementation="tiled",
+        block_size=8,
+    )
+    assert len(online) == 3  # every unit: 3 row blocks (both heads in one chunk)
+    ref, ref_lse = sdpa(
+        q, k, v32.astype(np.float64), return_lse=True, implementation="materialized"
+    )
     assert rel_err(out.astype(np.float64), ref) <= 1e-6
+    assert rel_err(lse.astype(np.float64), ref_lse) <= 1e-6
+
+
+def test_once_hands_its_value_and_its_error_to_every_waiter():
+    # the bounded forward's bounds: computed by one work item, awaited by the others
+    once = tiled._Once(lambda: 42)
+    waiters = ThreadPoolExecutor(max_workers=2)
+    pending = [waiters.submit(once.get) for _ in range(2)]
+    once.compute()
+    assert [p.result(timeout=10) for p in pending] == [42, 42]
+
+    def fail():
+        raise ValueError("no bounds")
+
+    once = tiled._Once(fail)
+    pending = [waiters.submit(once.get) for _ in range(2)]
+    with pytest.raises(ValueError, match="no bounds"):
+        once.compute()
+    for p in pending:
+        with pytest.raises(ValueError, match="no bounds"):
+            p.result(timeout=10)
+    waiters.shutdown()
 
 
 def _record_shifts(monkeypatch) -> list[bool]:
     """Record, per unit of the bounded forward, whether its scores were shifted."""
     shifted = []
-    unit = tiled._bounded_unit
+    row_shift = tiled._BoundedCall._row_shift
 
     def recorded(*args):
-        shifted.append(args[6] is not None)
-        return unit(*args)
+        shift = row_shift(*args)
+        shifted.append(shift is not None)
+        return shift
 
-    monkeypatch.setattr(tiled, "_bounded_unit", recorded)
+    monkeypatch.setattr(tiled._BoundedCall, "_row_shift", recorded)
     return shifted
 
 
@@ -366,7 +407,7 @@ def test_bounded_forward_shifts_only_rows_that_could_overflow(monkeypatch, case,
     # that no weight, row sum or E V can overflow; long queries or large values are shifted.
     # Both give what the float64 materialized op gives, with no inf anywhere.
     monkeypatch.setattr(tiled, "_AUGMENT_ROWS", 2**62)
-    calls = _count_online_units(monkeypatch)
+    online = _online_units(monkeypatch)
     shifts = _record_shifts(monkeypatch)
     rng = np.random.default_rng(18)
     q, k, v = make_inputs(rng, (1, 2, 48, 16), n_k=40)
@@ -378,7 +419,7 @@ def test_bounded_forward_shifts_only_rows_that_could_overflow(monkeypatch, case,
         v = v * 1e35
     q, k, v = (x.astype(np.float32) for x in (q, k, v))
     out, lse = sdpa(q, k, v, return_lse=True, implementation="tiled", block_size=16)
-    assert calls[0] == 0 and shifts and set(shifts) == {shifted}
+    assert len(online) == 0 and shifts and set(shifts) == {shifted}
     q, k, v = (x.astype(np.float64) for x in (q, k, v))
     ref, ref_lse = sdpa(q, k, v, return_lse=True, implementation="materialized")
     assert rel_err(out.astype(np.float64), ref) <= 1e-5
@@ -388,12 +429,12 @@ def test_bounded_forward_shifts_only_rows_that_could_overflow(monkeypatch, case,
 def test_bounded_forward_checks_all_values_when_the_first_key_is_zero(monkeypatch, bounded_form):
     # all-zero values of the first key do not make V look too small to the value check
     # (ordinary values: the bounded forward is taken)
-    calls = _count_online_units(monkeypatch)
+    online = _online_units(monkeypatch)
     rng = np.random.default_rng(15)
     q, k, v = (x.astype(np.float32) for x in make_inputs(rng, (1, 2, 20, 8)))
     v[..., 0, :] = 0.0
     out = sdpa(q, k, v, implementation="tiled", block_size=8)
-    assert calls[0] == 0
+    assert len(online) == 0
     ref = sdpa(*(x.astype(np.float64) for x in (q, k, v)), implementation="materialized")
     assert rel_err(out.astype(np.float64), ref) <= 2e-6
 

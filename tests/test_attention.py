@@ -97,6 +97,35 @@ def test_fully_masked_rows_give_zero_output_and_zero_gradient(xp):
         assert np.all(to_numpy(g) == 0.0)
 
 
+@pytest.mark.parametrize("implementation", ["materialized", "tiled"])
+def test_empty_dimensions(xp, implementation):
+    call = {"return_lse": True, "implementation": implementation}
+    # no keys: every row is fully masked, so output 0, lse -inf and dq 0
+    q, k, v = _qkv(xp, n_k=0)
+    (out, lse), pull = refattn.vjp(sdpa, q, k, v, **call)
+    dq, dk, dv = pull((randn(xp, tuple(out.shape), seed=5), None))
+    assert tuple(out.shape) == (2, 4, 5, 4) and np.all(to_numpy(out) == 0.0)
+    assert np.all(np.isneginf(to_numpy(lse))) and np.all(to_numpy(dq) == 0.0)
+    assert (tuple(dk.shape), tuple(dv.shape)) == ((2, 4, 0, 3), (2, 4, 0, 4))
+    # d_k = 0: every score is 0, so the weights are uniform
+    q, k, v = _qkv(xp, d=0)
+    out, lse = sdpa(q, k, v, **call)
+    mean_v = np.mean(to_numpy(v), axis=-2, keepdims=True)
+    np.testing.assert_allclose(to_numpy(out), np.broadcast_to(mean_v, (2, 4, 5, 4)), rtol=1e-14)
+    np.testing.assert_allclose(to_numpy(lse), math.log(6), rtol=1e-14)
+    # d_v = 0: an empty output, and the LSE does not depend on the values
+    q, k, v = _qkv(xp)
+    out, lse = sdpa(q, k, v[..., :0], **call)
+    assert tuple(out.shape) == (2, 4, 5, 0)
+    np.testing.assert_allclose(to_numpy(lse), to_numpy(sdpa(q, k, v, **call)[1]), rtol=1e-14)
+    # no batch, or no query rows: empty outputs, and gradients of the inputs' shapes
+    for q, k, v in (_qkv(xp, lead=(0, 4)), _qkv(xp, n_q=0)):
+        (out, lse), pull = refattn.vjp(sdpa, q, k, v, **call)
+        grads = pull((xp.ones(out.shape, dtype=out.dtype), xp.ones(lse.shape, dtype=lse.dtype)))
+        assert math.prod(out.shape) == math.prod(lse.shape) == 0
+        assert [tuple(g.shape) for g in grads] == [tuple(a.shape) for a in (q, k, v)]
+
+
 @pytest.mark.parametrize("alignment", ["upper_left", "lower_right"])
 @pytest.mark.parametrize(("n_q", "n_k"), [(3, 5), (5, 3), (4, 4)])
 def test_causal_alignment_equals_explicit_mask(xp, alignment, n_q, n_k):

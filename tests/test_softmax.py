@@ -78,6 +78,17 @@ def test_fully_masked_slice_gives_zero_and_zero_gradient(xp):
     assert np.all(np.isfinite(to_numpy(ldx)))
 
 
+@pytest.mark.parametrize("op", [refattn.softmax, refattn.log_softmax])
+@pytest.mark.parametrize(("shape", "axis"), [((3, 0), -1), ((2, 0, 4), 1), ((0, 3), -1)])
+def test_empty_axis_or_batch_gives_an_empty_result(xp, op, shape, axis):
+    # as torch and JAX do; NumPy's max over an empty axis raised here before
+    x = xp.zeros(shape, dtype=xp.float32)
+    y, pullback = refattn.vjp(op, x, axis=axis, mask=xp.ones(shape, dtype=xp.bool))
+    (dx,) = pullback(xp.ones(shape, dtype=xp.float32))
+    for a in (y, dx):
+        assert tuple(a.shape) == shape and a.dtype == xp.float32
+
+
 @pytest.mark.parametrize("magnitude", [1e4, 1e6, 1e300])
 def test_large_logits_do_not_overflow(magnitude):
     x = np.array([[magnitude, magnitude - 1.0, -magnitude], [-magnitude, -magnitude, 0.0]])

@@ -35,7 +35,7 @@ from .._backend import (
 )
 from .._op import Op
 from .masks import causal_keep, check_alignment
-from .softmax import check_broadcast, check_mask
+from .softmax import check_broadcast, check_mask, slice_max
 
 __all__ = ["Problem", "prepare", "scaled_dot_product_attention"]
 
@@ -375,14 +375,15 @@ def _forward_block(pb: Problem, r0: int, r1: int) -> tuple[Array, Block, Array]:
     xp = pb.xp
     q = pb.rows(pb.q, r0, r1)
     b, h, g, r, _ = q.shape
-    s = xp.reshape(_merge_group(xp, q * pb.scale) @ xp.matrix_transpose(pb.k), (b, h, g, r, -1))
+    s = _merge_group(xp, q * pb.scale) @ xp.matrix_transpose(pb.k)
+    s = xp.reshape(s, (b, h, g, r, pb.n_k))
     bias = pb.rows(pb.bias, r0, r1)
     if bias is not None:
         s += bias
     keep = pb.rows(pb.keep, r0, r1)
     if keep is not None:
         s = xp.where(keep, s, -float("inf"))
-    shift = xp.max(s, axis=-1, keepdims=True)
+    shift = slice_max(xp, s, axis=-1)
     shift = xp.where(xp.isfinite(shift), shift, xp.zeros_like(shift))
     s -= shift
     e = exp_inplace(xp, s)
@@ -393,7 +394,7 @@ def _forward_block(pb: Problem, r0: int, r1: int) -> tuple[Array, Block, Array]:
     lse = xp.where(positive, shift + xp.log(safe), -float("inf"))[..., 0]
     drop = pb.rows(pb.drop, r0, r1)
     e_drop = e if drop is None else e * drop
-    o = xp.reshape(_merge_group(xp, e_drop) @ pb.v, (b, h, g, r, -1)) * inv_l
+    o = xp.reshape(_merge_group(xp, e_drop) @ pb.v, (b, h, g, r, pb.v.shape[-1])) * inv_l
     return o, Block(r0, r1, e, inv_l), lse
 
 

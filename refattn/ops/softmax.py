@@ -7,13 +7,14 @@ Semantics (shared by every op that normalises scores):
 * A slice whose entries are all masked (or all ``-inf``) gives 0 from ``softmax`` and ``-inf``
   from ``log_softmax``, and its gradient is 0, with no NaN anywhere.
 * The maximum is subtracted before ``exp``: logits of +-1e4 and beyond do not overflow.
+* An empty ``axis`` gives an empty result (and an empty gradient), as in torch and JAX.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .._backend import check_floating, describe, exp_inplace, namespace
+from .._backend import check_floating, describe, device_of, exp_inplace, namespace
 from .._op import Op
 
 __all__ = ["log_softmax", "softmax"]
@@ -52,6 +53,18 @@ def check_broadcast(name: str, x: Array, target: tuple[int, ...]) -> None:
         raise ValueError(f"refattn.{name} of shape {shape} does not broadcast to {target}")
 
 
+def slice_max(xp: Any, x: Array, *, axis: int) -> Array:
+    """``max(x, axis=axis, keepdims=True)``; ``-inf`` when ``axis`` is empty.
+
+    NumPy's ``max`` has no identity and raises on an empty axis; ``-inf`` makes an empty slice
+    a fully masked one (shift 0, total 0).
+    """
+    if x.shape[axis] == 0:
+        shape = tuple(1 if i == axis % x.ndim else n for i, n in enumerate(x.shape))
+        return xp.full(shape, -float("inf"), dtype=x.dtype, device=device_of(x))
+    return xp.max(x, axis=axis, keepdims=True)
+
+
 def masked_softmax_parts(
     x: Array, *, axis: int, keep: Array | None, xp: Any
 ) -> tuple[Array, Array, Array]:
@@ -63,7 +76,7 @@ def masked_softmax_parts(
     neg_inf = -float("inf")
     if keep is not None:
         x = xp.where(keep, x, neg_inf)
-    shift = xp.max(x, axis=axis, keepdims=True)
+    shift = slice_max(xp, x, axis=axis)
     shift = xp.where(xp.isfinite(shift), shift, xp.zeros_like(shift))
     e = exp_inplace(xp, x - shift)  # x - shift is a fresh array: exp it in place
     total = xp.sum(e, axis=axis, keepdims=True)

@@ -583,12 +583,11 @@ class _Bounds:
     def of(cls, pb: Problem) -> _Bounds | None:
         """The bounds of ``pb``, or None to decline the bounded forward for the whole call.
 
-        Declined: no keys; ``max |V| < smallest_normal^(3/4)`` (products of weights as small as
-        ``exp(-G)`` with such values would be subnormal); a NaN in ``V``.
+        Declined: ``max |V| < smallest_normal^(3/4)`` (products of weights as small as
+        ``exp(-G)`` with such values would be subnormal); a NaN in ``V``. ``V`` must not be
+        empty.
         """
         xp = pb.xp
-        if pb.n_k == 0:
-            return None
         v_max = float(xp.maximum(xp.max(pb.v), -xp.min(pb.v)))  # NaN if V has one
         info = xp.finfo(pb.v.dtype)
         if not v_max >= float(info.smallest_normal) ** 0.75:
@@ -725,7 +724,7 @@ def _bounded_forward(
     at least as large.
     """
     xp = pb.xp
-    if pb.n_k == 0:
+    if math.prod(pb.v.shape) == 0:  # no keys, values or batch: nothing to bound
         return items
     call = _BoundedCall.of(pb, pattern, plan, o)
     shared = None

@@ -663,7 +663,7 @@ def _bounded_forward(
         O = E V / \ell, \qquad \mathrm{lse} = b + \log \ell,
 
     the same quantities as the online softmax, since any shift cancels. A tile takes one of two
-    forms (:func:`_bounded_unit`):
+    forms (:meth:`_BoundedCall._sums`):
 
     * *augmented*, when a kv head's keys meet more than :data:`_AUGMENT_ROWS` query rows
       (``g n_q``): both row terms move into the GEMMs as an extra column, with the keys

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -12,6 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import refattn
+
+# the module (refattn.ops.softmax is the op, which the package re-exports under that name)
+softmax_module = importlib.import_module("refattn.ops.softmax")
 
 FLOATS = st.floats(-50.0, 50.0, allow_nan=False, width=64)
 
@@ -87,6 +91,46 @@ def test_empty_axis_or_batch_gives_an_empty_result(xp, op, shape, axis):
     (dx,) = pullback(xp.ones(shape, dtype=xp.float32))
     for a in (y, dx):
         assert tuple(a.shape) == shape and a.dtype == xp.float32
+
+
+@pytest.mark.parametrize("op", [refattn.softmax, refattn.log_softmax])
+@pytest.mark.parametrize(
+    ("shape", "axis", "mask_shape"),
+    [
+        ((6, 5, 7), -1, (6, 5, 7)),  # split along axis 0
+        ((6, 5, 7), 0, (5, 1)),  # split along axis 1; the mask broadcasts along it
+        ((1, 9, 4), 2, (9, 4)),  # axis 0 has size 1: split along axis 1
+        ((9, 4), 1, (1, 4)),  # a mask row shared by every block
+    ],
+)
+def test_blocks_on_the_thread_pool_give_the_unblocked_result(
+    monkeypatch, op, shape, axis, mask_shape
+):
+    # Large inputs are cut into blocks along another axis and run on the thread pool; each
+    # slice along `axis` is computed the same way in a block, so forward and backward must
+    # equal the one-piece result exactly, whatever the mask's broadcasting.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape)
+    mask = rng.random(mask_shape) < 0.7
+    dy = rng.standard_normal(shape)
+    whole, pullback = refattn.vjp(op, x, axis=axis, mask=mask)
+    (dx_whole,) = pullback(dy)
+    blocks = []
+    parallel_map = softmax_module.parallel_map
+
+    def recorded(xp, fn, items):
+        items = list(items)
+        blocks.append(len(items))
+        return parallel_map(xp, fn, items)
+
+    monkeypatch.setattr(softmax_module, "_BLOCK_BYTES", 64)
+    monkeypatch.setattr(softmax_module, "n_threads", lambda: 2)
+    monkeypatch.setattr(softmax_module, "parallel_map", recorded)
+    blocked, pullback = refattn.vjp(op, x, axis=axis, mask=mask)
+    (dx_blocked,) = pullback(dy)
+    assert len(blocks) == 2 and min(blocks) >= 2  # forward and backward both cut
+    np.testing.assert_array_equal(blocked, whole)
+    np.testing.assert_array_equal(dx_blocked, dx_whole)
 
 
 @pytest.mark.parametrize("magnitude", [1e4, 1e6, 1e300])

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
 import tracemalloc
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -360,24 +360,36 @@ def test_bounded_forward_declines_tiny_values(monkeypatch, threaded):
 
 
 def test_once_hands_its_value_and_its_error_to_every_waiter():
-    # the bounded forward's bounds: computed by one work item, awaited by the others
-    once = tiled._Once(lambda: 42)
-    waiters = ThreadPoolExecutor(max_workers=2)
-    pending = [waiters.submit(once.get) for _ in range(2)]
-    once.compute()
-    assert [p.result(timeout=10) for p in pending] == [42, 42]
+    # the bounded forward's bounds: computed by one work item, awaited by the others (daemon
+    # waiters, so that a broken hand-over fails the test instead of hanging the run)
+    def waiters(once):
+        results = []
+
+        def wait():
+            try:
+                results.append(once.get())
+            except ValueError as error:
+                results.append(str(error))
+
+        threads = [threading.Thread(target=wait, daemon=True) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        return threads, results
 
     def fail():
         raise ValueError("no bounds")
 
-    once = tiled._Once(fail)
-    pending = [waiters.submit(once.get) for _ in range(2)]
-    with pytest.raises(ValueError, match="no bounds"):
-        once.compute()
-    for p in pending:
-        with pytest.raises(ValueError, match="no bounds"):
-            p.result(timeout=10)
-    waiters.shutdown()
+    for fn, expected in ((lambda: 42, 42), (fail, "no bounds")):
+        once = tiled._Once(fn)
+        threads, results = waiters(once)
+        if expected == 42:
+            once.compute()
+        else:
+            with pytest.raises(ValueError, match="no bounds"):
+                once.compute()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert results == [expected, expected]
 
 
 def _record_shifts(monkeypatch) -> list[bool]:

@@ -577,7 +577,7 @@ class _Bounds:
     """
 
     key: Array
-    unshifted: float
+    unshifted: Array
 
     @classmethod
     def of(cls, pb: Problem) -> _Bounds | None:
@@ -585,17 +585,18 @@ class _Bounds:
 
         Declined: ``max |V| < smallest_normal^(3/4)`` (products of weights as small as
         ``exp(-G)`` with such values would be subnormal); a NaN in ``V``. ``V`` must not be
-        empty.
+        empty. Both bounds stay on the device (0-d ``unshifted``); tests of them go through
+        :func:`~refattn._backend.all_true`.
         """
         xp = pb.xp
-        v_max = float(xp.maximum(xp.max(pb.v), -xp.min(pb.v)))  # NaN if V has one
+        v_max = xp.maximum(xp.max(pb.v), -xp.min(pb.v))  # NaN if V has one
         info = xp.finfo(pb.v.dtype)
-        if not v_max >= float(info.smallest_normal) ** 0.75:
+        if not all_true(xp, v_max >= float(info.smallest_normal) ** 0.75):
             return None
         k_norm = xp.sqrt(xp.max(xp.vecdot(pb.k, pb.k, axis=-1), axis=-1))  # (B, Hkv)
         key = xp.reshape(k_norm * pb.scale, (*k_norm.shape, 1, 1, 1))
-        unshifted = math.log(float(info.max)) - 1.0 - math.log(pb.n_k) - math.log(max(v_max, 1.0))
-        return cls(key, unshifted)
+        headroom = math.log(float(info.max)) - 1.0 - math.log(pb.n_k)
+        return cls(key, headroom - xp.log(xp.maximum(v_max, 1.0)))
 
 
 def _forward_unit(
@@ -900,7 +901,7 @@ class _BoundedCall:
         if bounds is None:
             raise _Declined
         bound = norms * _kv(bounds.key, hc)
-        if plain and float(xp.max(bound)) <= bounds.unshifted:
+        if plain and all_true(xp, bound <= bounds.unshifted):
             self.shift[rows] = 0.0
             return None
         self.shift[rows] = bound

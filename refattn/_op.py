@@ -12,7 +12,9 @@ Contract (the ``jax.vjp`` contract applied to a refattn op)::
 
 * ``primals`` are the differentiable positional inputs: arrays, or nested dicts/tuples/lists of
   arrays (a layer's parameters). Each gradient has the structure and shapes of its primal.
-* ``options`` are keyword-only and never differentiated (masks, flags, sizes).
+* ``options`` are keyword-only and never differentiated (masks, flags, sizes), like the
+  ``nondiff_argnames`` of ``jax.custom_vjp``. The backward receives only the options it names
+  in its signature (all of them if it takes ``**kwargs``), so it declares what it depends on.
 * When the output is a tuple (extra outputs were requested), the cotangent is a tuple of the same
   length; ``None`` marks an output that is not differentiated.
 """
@@ -43,7 +45,8 @@ class Op:
         ``forward(*primals, **options) -> (output, residuals)``.
     backward : callable
         ``backward(residuals, cotangent, **options) -> tuple`` of one gradient per primal. It
-        receives the same keyword options as the forward.
+        receives the forward's keyword options that its signature names (every option if it
+        takes ``**kwargs``); anything else the backward needs belongs in the residuals.
     name : str, optional
         Defaults to the forward's ``__name__`` with a leading ``_`` and a trailing ``_fwd``
         removed.
@@ -88,6 +91,7 @@ class Op:
             self.__signature__ = inspect.signature(forward)
         except (TypeError, ValueError):  # builtins without signatures
             pass
+        self._backward_options = _keyword_names(backward)
         if register:
             if self.name in _REGISTRY:
                 raise ValueError(f"refattn.Op: an op named {self.name!r} is already registered")
@@ -99,6 +103,16 @@ class Op:
 
     def __repr__(self) -> str:
         return f"<refattn.Op {self.name}>"
+
+    def apply_backward(self, residuals: Any, cotangent: Any, **options: Any) -> tuple[Any, ...]:
+        """Call the backward with the forward's ``options``, keeping those it declares.
+
+        For composite ops, which call their primitives' backwards by hand; :func:`vjp` uses it
+        too, and also checks the cotangent and the gradients.
+        """
+        if self._backward_options is not None:
+            options = {k: v for k, v in options.items() if k in self._backward_options}
+        return self.backward(residuals, cotangent, **options)
 
     @property
     def primal_names(self) -> list[str]:
@@ -112,6 +126,17 @@ class Op:
             for p in params
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
         ]
+
+
+def _keyword_names(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """The keyword options ``fn`` takes, or None if it takes ``**kwargs`` (or has no signature)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def _default_name(fn: Callable[..., Any]) -> str:
@@ -139,7 +164,7 @@ def vjp(op: Op, *primals: Any, **options: Any) -> tuple[Any, Callable[[Any], tup
 
     def pullback(cotangent: Any) -> tuple[Any, ...]:
         _check_cotangent(op, out, cotangent)
-        grads = op.backward(residuals, cotangent, **options)
+        grads = op.apply_backward(residuals, cotangent, **options)
         return _check_grads(op, primals, grads)
 
     return out, pullback
@@ -180,7 +205,8 @@ def _check_cotangent(op: Op, out: Any, cotangent: Any) -> None:
 
 
 def _check_grads(op: Op, primals: tuple[Any, ...], grads: Any) -> tuple[Any, ...]:
-    """The driver's check: one gradient per primal, each with its primal's structure and shape."""
+    """The driver's check: one gradient per primal, with its primal's structure, shapes, dtypes
+    and array library."""
     if not isinstance(grads, tuple) or len(grads) != len(primals):
         n = len(grads) if isinstance(grads, tuple) else type(grads).__name__
         raise RuntimeError(
@@ -200,9 +226,24 @@ def _check_grads(op: Op, primals: tuple[Any, ...], grads: Any) -> tuple[Any, ...
                         "be None exactly where its primal is None"
                     )
                 continue
+            where = f"gradient {i}{'.' + path if path else ''}"
             if tuple(pl.shape) != tuple(gl.shape):
                 raise RuntimeError(
-                    f"refattn.vjp({op.name}): gradient {i}{'.' + path if path else ''} has "
-                    f"shape {tuple(gl.shape)}, its primal {tuple(pl.shape)}"
+                    f"refattn.vjp({op.name}): {where} has shape {tuple(gl.shape)}, its primal "
+                    f"{tuple(pl.shape)}"
+                )
+            if gl.dtype != pl.dtype:
+                raise RuntimeError(
+                    f"refattn.vjp({op.name}): {where} has dtype {gl.dtype}, its primal {pl.dtype}"
+                )
+            if _library(gl) != _library(pl):
+                raise RuntimeError(
+                    f"refattn.vjp({op.name}): {where} is a {_library(gl)} array, its primal a "
+                    f"{_library(pl)} array (gradients stay on the primal's backend)"
                 )
     return grads
+
+
+def _library(x: Any) -> str:
+    """The top-level module of an array's type (``numpy``, ``cupy``, ``array_api_strict``)."""
+    return type(x).__module__.split(".", 1)[0]

@@ -48,7 +48,7 @@ import numpy as np  # the comparison harness works on host copies; refattn ops r
 
 from . import _tree
 from ._version import __version__
-from .ops.attention import scaled_dot_product_attention
+from .ops import scaled_dot_product_attention
 from .ops.masks import causal_mask
 from .testing import (
     SOFTMAX_VJP_FORMS,

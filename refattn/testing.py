@@ -625,7 +625,8 @@ class _LowpForward:
 def _lowp_forward(
     q: Array, k: Array, v: Array, dtype: str, options: dict[str, Any]
 ) -> tuple[Any, _LowpForward]:
-    from .ops.attention import prepare
+    from .ops.sdpa import prepare
+    from .ops.sdpa.scores import full_keep
     from .ops.softmax import masked_softmax_parts
 
     unknown = sorted(set(options) - set(_SDPA_OPTIONS) - {"return_weights", "return_lse"})
@@ -660,7 +661,7 @@ def _lowp_forward(
     s = r(qs @ xp.matrix_transpose(k5))
     if pb.bias is not None:
         s = r(s + pb.bias)
-    keep = pb.keep
+    keep = full_keep(pb)
     if keep is not None:
         keep = xp.broadcast_to(keep, tuple(s.shape))
     from .ops.softmax import softmax

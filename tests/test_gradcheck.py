@@ -7,7 +7,10 @@ import pytest
 from conftest import randn
 
 import refattn
-from refattn.ops.attention import _sdpa_bwd, _sdpa_fwd
+
+_SDPA = refattn.scaled_dot_product_attention
+_sdpa_fwd = _SDPA.forward
+_sdpa_bwd = _SDPA.apply_backward
 
 
 def _scaled_backward(factor):
@@ -37,7 +40,7 @@ def test_catches_a_backward_wrong_by_a_small_relative_amount(relative_error, fas
     assert err.input in ("q", "k", "v")
     assert err.analytical == pytest.approx(err.numerical * (1.0 + relative_error), rel=1e-4)
     # The correct backward passes at the same point with the same defaults.
-    right = refattn.Op(_sdpa_fwd, _sdpa_bwd, name="sdpa")
+    right = refattn.Op(_sdpa_fwd, _SDPA.backward, name="sdpa")
     assert refattn.gradcheck(right, *_qkv(), fast=fast)
 
 
@@ -62,7 +65,7 @@ def test_seed_appendix_formula_fails_while_refattn_passes():
     """Errata: seed 002's dQ uses only the Jacobian's diagonal, A o (1 - A)."""
 
     def seed_backward(res, ct, **options):
-        pb, blocks, o = res
+        pb, blocks, o = res.pb, res.blocks, res.o
         q, k, v = pb.q[:, :, 0], pb.k, pb.v  # one query head per kv head here
         p = blocks[0].weights()[:, :, 0]
         d_a = ct[None] @ np.swapaxes(v, -1, -2) if ct.ndim == 2 else ct @ np.swapaxes(v, -1, -2)

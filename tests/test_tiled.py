@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import tracemalloc
@@ -16,8 +17,10 @@ import refattn
 from refattn import scaled_dot_product_attention as sdpa
 from refattn._check_runner import compare_with_framework
 from refattn.checks import all_cases, to_backend
-from refattn.ops import attention, tiled
-from refattn.ops.tiled import Pattern, TiledResiduals, make_plan
+from refattn.ops.sdpa import plan as sdpa_plan
+from refattn.ops.sdpa import problem, scores, tiled
+from refattn.ops.sdpa.plan import Pattern
+from refattn.ops.sdpa.tiled import TiledResiduals, make_plan
 
 TILED_CASES = [c for c in all_cases() if "tiled" in c.tags]
 
@@ -234,14 +237,14 @@ def test_partial_cotangents(mask):
 
 def test_threads_lanes_and_head_chunks(monkeypatch):
     # force threads on a small problem, three lanes for two workers, and one head per unit
-    monkeypatch.setattr(tiled, "_SERIAL_BYTES", 0)
+    monkeypatch.setattr(sdpa_plan, "SERIAL_BYTES", 0)
     monkeypatch.setattr(tiled, "n_threads", lambda: 3)
-    monkeypatch.setattr(tiled, "_TILE_BYTES", 1)
+    monkeypatch.setattr(sdpa_plan, "TILE_BYTES", 1)
     rng = np.random.default_rng(3)
     q, k, v = make_inputs(rng, (2, 6, 19, 4), kv_heads=3, n_k=23)
     options = {"return_lse": True, "is_causal": True, "mask": rng.random((2, 6, 19, 23)) < 0.8}
-    pb = attention.prepare(q, k, v)
-    assert len(make_plan(pb, None, (4, 4)).heads) == 6  # (B, Hkv) = (2, 3) chunks
+    pb = problem.prepare(q, k, v)
+    assert len(make_plan(pb, (4, 4)).heads) == 6  # (B, Hkv) = (2, 3) chunks
     xp = refattn._backend.default_namespace()
     assert_agree(*run_both(xp, (q, k, v), options, block_size=(4, 5)))
 
@@ -254,9 +257,9 @@ def _online_units(monkeypatch) -> list[tuple]:
     units = []
     online = tiled._forward_unit
 
-    def recorded(pb, pattern, tiles, hc, r0, r1, weights):
+    def recorded(pb, tiles, hc, r0, r1, weights):
         units.append((hc, r0))
-        return online(pb, pattern, tiles, hc, r0, r1, weights)
+        return online(pb, tiles, hc, r0, r1, weights)
 
     monkeypatch.setattr(tiled, "_forward_unit", recorded)
     return units
@@ -337,7 +340,7 @@ def test_bounded_forward_declines_tiny_values(monkeypatch, threaded):
     # subnormal, so the online softmax computes it, to full float32 relative accuracy. With
     # threads, the units learn it only after their first GEMM (the bounds are a work item).
     if threaded:
-        monkeypatch.setattr(tiled, "_SERIAL_BYTES", 0)
+        monkeypatch.setattr(sdpa_plan, "SERIAL_BYTES", 0)
         monkeypatch.setattr(tiled, "n_threads", lambda: 3)
     online = _online_units(monkeypatch)
     rng = np.random.default_rng(13)
@@ -564,8 +567,8 @@ def test_plan_covers_exactly_the_visible_entries(
 ):
     pattern = Pattern(causal=causal, left=left, right=right, n_global=n_global)
     keep = _keep_reference(pattern, n_q, n_k)
-    pb = attention.prepare(np.zeros((n_q, 2)), np.zeros((n_k, 2)), np.zeros((n_k, 2)))
-    plan = make_plan(pb, pattern, (block_q, block_k))
+    pb = problem.prepare(np.zeros((n_q, 2)), np.zeros((n_k, 2)), np.zeros((n_k, 2)))
+    plan = make_plan(dataclasses.replace(pb, pattern=pattern), (block_q, block_k))
     covered = np.zeros_like(keep)
     xp = refattn._backend.default_namespace()
     assert [r0 for r0, _ in plan.rows] == sorted({r0 for r0, _ in plan.rows})
@@ -577,7 +580,9 @@ def test_plan_covers_exactly_the_visible_entries(
             assert tile.any() or not full
             if full:
                 assert tile.all()
-            np.testing.assert_array_equal(pattern.keep(xp, r0, r1, c0, c1, None), tile)
+            np.testing.assert_array_equal(
+                scores.pattern_keep(pattern, xp, r0, r1, c0, c1, None), tile
+            )
             covered[r0:r1, c0:c1] = True
     # every visible entry is in a computed tile: skipped tiles are entirely hidden
     assert not (keep & ~covered).any()
@@ -585,9 +590,10 @@ def test_plan_covers_exactly_the_visible_entries(
 
 def test_causal_computes_about_half_the_tiles():
     n, block = 1024, 128
-    pb = attention.prepare(np.zeros((n, 4)), np.zeros((n, 4)), np.zeros((n, 4)))
-    full = make_plan(pb, None, (block, block))
-    causal = make_plan(pb, tiled.causal_pattern(True, "upper_left", n, n), (block, block))
+    pb = problem.prepare(np.zeros((n, 4)), np.zeros((n, 4)), np.zeros((n, 4)))
+    full = make_plan(pb, (block, block))
+    causal_pb = dataclasses.replace(pb, pattern=sdpa_plan.causal_pattern(True, "upper_left", n, n))
+    causal = make_plan(causal_pb, (block, block))
     blocks = n // block
     assert full.n_tiles == blocks**2
     assert causal.n_tiles == blocks * (blocks + 1) // 2
@@ -638,8 +644,8 @@ def test_auto_picks_by_memory_budget():
     assert not isinstance(weights_auto, TiledResiduals)
     weights_tiled = _residuals(q, k, v, implementation="tiled", return_weights=True)
     assert isinstance(weights_tiled, TiledResiduals)
-    assert attention.choose_implementation("auto", q, k) == "materialized"
-    assert attention.DEFAULT_MEMORY_BUDGET == 4 * 2**20
+    assert problem.choose_implementation("auto", n_scores=size // 8, elem_bytes=8) == "materialized"
+    assert problem.DEFAULT_MEMORY_BUDGET == 4 * 2**20
 
 
 def test_auto_results_equal_explicit_choice():

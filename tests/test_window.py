@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 import numpy as np
@@ -12,8 +13,8 @@ import refattn
 from refattn import scaled_dot_product_attention as sdpa
 from refattn._check_runner import compare_with_framework
 from refattn.checks import all_cases, to_backend
-from refattn.ops import attention
-from refattn.ops.tiled import make_plan
+from refattn.ops.sdpa import problem
+from refattn.ops.sdpa.tiled import make_plan
 from refattn.ops.window import sliding_window_attention, window_pattern
 
 WINDOW_CASES = [c for c in all_cases() if c.op is sliding_window_attention]
@@ -109,11 +110,13 @@ def test_check_case_matches_torch_autograd(case):
 def test_tiles_grow_linearly_with_n():
     # O(n w): each 64-row block is scored against its own and its two neighbouring key blocks
     for n in (2048, 4096):
-        pb = attention.prepare(np.zeros((n, 2)), np.zeros((n, 2)), np.zeros((n, 2)))
-        plan = make_plan(pb, window_pattern(64), (64, 64))
+        pb = problem.prepare(np.zeros((n, 2)), np.zeros((n, 2)), np.zeros((n, 2)))
+        plan = make_plan(dataclasses.replace(pb, pattern=window_pattern(64)), (64, 64))
         assert plan.n_tiles == 3 * (n // 64) - 2
         # global tokens add their own row block (against every key block) and column block
-        plan = make_plan(pb, window_pattern(64, global_tokens=3), (64, 64))
+        plan = make_plan(
+            dataclasses.replace(pb, pattern=window_pattern(64, global_tokens=3)), (64, 64)
+        )
         assert plan.n_tiles <= 3 * (n // 64) + 2 * (n // 64 + 1)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ops.attention import scaled_dot_product_attention
+from ..ops import scaled_dot_product_attention
 from ..ops.masks import causal_mask
 from ..ops.softmax import log_softmax, softmax
 from . import Case, register_case

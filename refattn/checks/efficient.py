@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ops.attention import scaled_dot_product_attention
+from ..ops import scaled_dot_product_attention
 from ..ops.linear_attention import linear_attention
 from ..ops.window import sliding_window_attention
 from . import Case, register_case

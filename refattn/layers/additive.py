@@ -208,9 +208,7 @@ def _additive_attention_fwd(
     return (context, alpha), (xp, params, query, keys, t, alpha)
 
 
-def _additive_attention_bwd(
-    residuals: Any, cotangent: Any, /, **_: Any
-) -> tuple[Params, Array, Array]:
+def _additive_attention_bwd(residuals: Any, cotangent: Any, /) -> tuple[Params, Array, Array]:
     r"""VJP of additive attention.
 
     With :math:`z_j = W_h h_j + W_s s` (rows ``x @ weight + bias``), :math:`t = \tanh z`, and
@@ -337,7 +335,7 @@ def _multiplicative_attention_fwd(
 
 
 def _multiplicative_attention_bwd(
-    residuals: Any, cotangent: Any, /, *, method: str = "dot", **_: Any
+    residuals: Any, cotangent: Any, /, *, method: str = "dot"
 ) -> tuple[Params, Array, Array]:
     r"""VJP of multiplicative attention, from :math:`de` (:func:`_attend_bwd`).
 

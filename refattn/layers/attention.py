@@ -34,9 +34,9 @@ from typing import Any
 
 from .._backend import default_namespace, namespace
 from .._op import Op
-from ..ops.attention import dropout_scale
-from ..ops.attention import scaled_dot_product_attention as _sdpa
 from ..ops.masks import check_alignment
+from ..ops.sdpa import scaled_dot_product_attention as _sdpa
+from ..ops.sdpa.problem import dropout_scale
 from ..ops.softmax import check_broadcast, check_mask
 from .basic import (
     _leaves,
@@ -296,7 +296,7 @@ def mha_backward(
     d_o = split_heads(xp, d_om, saved.n_heads, saved.head_dim)
     cotangent = (d_o, d_weights) if saved.sdpa_options["return_weights"] else d_o
     del d_om, d_o  # (the cotangent keeps them while needed)
-    d_qkv = list(_sdpa.backward(saved.sdpa_saved, cotangent, **saved.sdpa_options))
+    d_qkv = list(_sdpa.apply_backward(saved.sdpa_saved, cotangent, **saved.sdpa_options))
     del cotangent
     # projections Q = x_q W_q + b_q etc.: merge the heads' gradients back into columns. Each
     # head gradient is dropped as soon as it is used, so that the next input gradient reuses its
@@ -425,7 +425,7 @@ def _mha_fwd(
 
 
 def _mha_bwd(
-    saved: MHASaved, cotangent: Any, /, *, return_weights: bool = False, **_: Any
+    saved: MHASaved, cotangent: Any, /, *, return_weights: bool = False
 ) -> tuple[Params, Array, Array, Array]:
     r"""VJP of multi-head attention: the forward's pieces in reverse.
 

@@ -32,11 +32,11 @@ from .._backend import (
     default_namespace,
     describe,
     floating_dtype,
-    matmul,
     namespace,
 )
 from .._op import Op
-from ..ops.attention import dropout_scale
+from .._runtime import matmul
+from ..ops.sdpa.problem import dropout_scale
 
 __all__ = [
     "ACTIVATIONS",
@@ -320,7 +320,7 @@ def _layer_norm_fwd(params: Params, x: Array, /, *, eps: float = 1e-5) -> tuple[
     return y, (xp, params, saved)
 
 
-def _layer_norm_bwd(residuals: Any, dy: Array, /, **_: Any) -> tuple[Params, Array]:
+def _layer_norm_bwd(residuals: Any, dy: Array, /) -> tuple[Params, Array]:
     r"""VJP of layer normalisation, per row, with :math:`r = 1/\sqrt{\sigma^2+\varepsilon}`.
 
     .. math::
@@ -674,7 +674,7 @@ def _feed_forward_fwd(
 
 
 def _feed_forward_bwd(
-    residuals: Any, dy: Array, /, *, activation: str = "relu", **_: Any
+    residuals: Any, dy: Array, /, *, activation: str = "relu"
 ) -> tuple[Params, Array]:
     r"""VJP of the feed-forward block: the chain rule through its three pieces, in reverse.
 

@@ -212,7 +212,7 @@ def _add_sinusoidal_positions_fwd(
     return x + table, ()
 
 
-def _add_sinusoidal_positions_bwd(residuals: Any, dy: Array, /, **_: Any) -> tuple[Array]:
+def _add_sinusoidal_positions_bwd(residuals: Any, dy: Array, /) -> tuple[Array]:
     r"""VJP of ``y = x + PE``: the table is constant, so :math:`dx = dy`."""
     return (dy,)
 
@@ -429,7 +429,7 @@ def _rope_fwd(
     return _rotate(xp, x, cos, sin, interleaved), (xp, cos, sin)
 
 
-def _rope_bwd(residuals: Any, dy: Array, /, *, interleaved: bool = False, **_: Any) -> tuple[Array]:
+def _rope_bwd(residuals: Any, dy: Array, /, *, interleaved: bool = False) -> tuple[Array]:
     r"""VJP of RoPE: the transpose of a rotation is the inverse rotation.
 
     ``y = R x`` with ``R`` block-diagonal (one 2x2 rotation per pair), so ``dx = R^T dy``, and
@@ -629,7 +629,7 @@ def _relative_attention_fwd(
     return xp.reshape(out, (*lead, n_q, d_v)), residuals
 
 
-def _relative_attention_bwd(residuals: Any, d_out: Array, /, **_: Any) -> tuple[Array, ...]:
+def _relative_attention_bwd(residuals: Any, d_out: Array, /) -> tuple[Array, ...]:
     r"""VJP of Shaw et al.'s relative attention, per flattened batch entry.
 
     With :math:`E_{irj} = [r(i,j) = r]`, :math:`W = P \star E^\top` (the weight each query puts on

@@ -350,7 +350,7 @@ def encoder_backward(saved: Any, dy: Array) -> tuple[Params, Array]:
     return {k: grads[k] for k in params}, dx
 
 
-def _encoder_bwd(saved: Any, dy: Array, /, **_: Any) -> tuple[Params, Array]:
+def _encoder_bwd(saved: Any, dy: Array, /) -> tuple[Params, Array]:
     r"""VJP of the encoder layer: the forward read bottom-up.
 
     Post-LN, with ``h1 = x + D1 SA(x)``, ``y1 = LN1(h1)``, ``h2 = y1 + D2 FF(y1)``,
@@ -647,7 +647,7 @@ def decoder_backward(saved: Any, dy: Array) -> tuple[Params, Array, Array]:
     return {k: grads[k] for k in params}, dx, dmk + dmv
 
 
-def _decoder_bwd(saved: Any, dy: Array, /, **_: Any) -> tuple[Params, Array, Array]:
+def _decoder_bwd(saved: Any, dy: Array, /) -> tuple[Params, Array, Array]:
     r"""VJP of the decoder layer: the forward read bottom-up.
 
     Post-LN (``h1 = x + D1 SA(x)``, ``y1 = LN1 h1``, ``h2 = y1 + D2 CA(y1, m)``,

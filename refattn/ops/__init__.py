@@ -1,8 +1,8 @@
 """Differentiable ops: each keeps its forward, its backward and its derivation together."""
 
-from .attention import scaled_dot_product_attention
 from .linear_attention import linear_attention
 from .masks import causal_mask, from_torch_mha_masks, padding_mask
+from .sdpa import scaled_dot_product_attention
 from .softmax import log_softmax, softmax
 from .window import sliding_window_attention
 

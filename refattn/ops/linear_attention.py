@@ -41,9 +41,10 @@ from typing import Any
 
 from array_api_compat import is_numpy_namespace
 
-from .._backend import device_of, n_threads, namespace, parallel_map
+from .._backend import device_of, namespace
 from .._op import Op
-from .attention import prepare
+from .._runtime import n_threads, parallel_map
+from .sdpa.problem import prepare
 
 __all__ = ["FEATURE_MAPS", "linear_attention"]
 
@@ -318,7 +319,6 @@ def _linear_attention_bwd(
     /,
     *,
     is_causal: bool = False,
-    **_: Any,
 ) -> tuple[Array, Array, Array]:
     r"""VJP of linear attention.
 

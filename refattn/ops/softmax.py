@@ -22,11 +22,10 @@ from .._backend import (
     exp_inplace,
     is_numpy_namespace,
     itemsize,
-    n_threads,
     namespace,
-    parallel_map,
 )
 from .._op import Op
+from .._runtime import n_threads, parallel_map
 
 __all__ = ["log_softmax", "softmax"]
 

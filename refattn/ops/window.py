@@ -11,8 +11,8 @@ attends to them. Causality wins over globality: a causal global token attends ``
 attended to by the positions after it.
 
 The computation never forms an ``n x n`` mask. It runs the tiled kernels of
-:mod:`refattn.ops.tiled` with a :class:`~refattn.ops.tiled.Pattern` describing the band: a block
-of ``b`` query rows is scored only against the key blocks that meet its band
+:mod:`refattn.ops.sdpa.tiled` with a :class:`~refattn.ops.sdpa.plan.Pattern` describing the
+band: a block of ``b`` query rows is scored only against the key blocks that meet its band
 ``[r0 - w, r1 + w)`` and the global key block(s); the ``G`` global rows form their own block
 and are scored against every key. Per row that is ``O(w + b + G)`` keys, so the forward and the
 backward cost ``O(n (w + G) d)`` time (plus ``O(G n d)`` for the global rows), and their memory
@@ -21,12 +21,13 @@ beyond inputs and outputs is a few ``b x b`` tiles per thread.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .._op import Op
-from .attention import prepare
-from .tiled import Pattern, TiledResiduals, check_block_size, make_plan, tiled_backward
-from .tiled import tiled_forward as _tiled_forward
+from .sdpa.plan import Pattern
+from .sdpa.problem import check_block_size, prepare
+from .sdpa.tiled import TiledResiduals, forward, make_plan
 
 __all__ = ["sliding_window_attention", "window_pattern"]
 
@@ -36,7 +37,7 @@ _OP = "sliding_window_attention"
 
 
 def window_pattern(window: int, global_tokens: int = 0, is_causal: bool = False) -> Pattern:
-    """The :class:`~refattn.ops.tiled.Pattern` of a sliding window with global tokens."""
+    """The :class:`~refattn.ops.sdpa.plan.Pattern` of a sliding window with global tokens."""
     if is_causal:
         return Pattern(causal=0, left=window, n_global=global_tokens)
     return Pattern(left=window, right=window, n_global=global_tokens)
@@ -115,16 +116,14 @@ def _sliding_window_fwd(
     global_tokens = _check_int(
         "global_tokens", global_tokens, 0, pb.n_q, f"global positions out of n={pb.n_q}"
     )
-    pattern = window_pattern(window, global_tokens, is_causal)
+    pb = dataclasses.replace(pb, pattern=window_pattern(window, global_tokens, is_causal))
     default = _default_block(window)
-    plan = make_plan(pb, pattern, blocks or (default, default))
-    o, lse, _ = _tiled_forward(pb, pattern, plan)
-    return pb.xp.reshape(o, pb.out_shape), TiledResiduals(pb, pattern, plan, o, lse)
+    plan = make_plan(pb, blocks or (default, default))
+    o, _, _, residuals = forward(pb, want_weights=False, plan=plan)
+    return pb.xp.reshape(o, pb.out_shape), residuals
 
 
-def _sliding_window_bwd(
-    residuals: TiledResiduals, d_out: Array, /, **_: Any
-) -> tuple[Array, Array, Array]:
+def _sliding_window_bwd(residuals: TiledResiduals, d_out: Array, /) -> tuple[Array, Array, Array]:
     r"""VJP of sliding-window attention: the softmax-attention VJP restricted to the band.
 
     With :math:`P_{ij} = e^{S_{ij} - \mathrm{lse}_i}` for :math:`j \in N(i)` (0 outside),
@@ -141,11 +140,7 @@ def _sliding_window_bwd(
     Entries outside the band have ``P = 0`` and hence ``dS = 0``: skipping their tiles is exact.
     """
     pb = residuals.pb
-    xp = pb.xp
-    o = residuals.o
-    d_q, d_k, d_v = tiled_backward(
-        pb, residuals.pattern, residuals.plan, o, residuals.lse, xp.reshape(d_out, o.shape)
-    )
+    d_q, d_k, d_v = residuals.vjp(pb.xp.reshape(d_out, residuals.o.shape))
     return pb.gradients(d_q, d_k, d_v)
 
 

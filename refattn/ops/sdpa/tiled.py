@@ -1,10 +1,12 @@
 r"""Flash-style tiled exact attention: online-softmax forward, LSE-recompute backward.
 
-The same op as the materialized kernels of :mod:`refattn.ops.attention`, computed block by
-block so that no ``n_q x n_k`` array ever exists. It works on the canonical
-:class:`~refattn.ops.attention.Problem` (``q (B, Hkv, g, n_q, d_k)``, ``k (B, Hkv, n_k, d_k)``,
+The same op as the materialized kernel (:mod:`refattn.ops.sdpa.materialized`), computed block
+by block so that no ``n_q x n_k`` array ever exists. It works on the canonical
+:class:`~refattn.ops.sdpa.problem.Problem` (``q (B, Hkv, g, n_q, d_k)``, ``k (B, Hkv, n_k, d_k)``,
 ``v (B, Hkv, n_k, d_v)``); a *unit* of work is a chunk of heads times a block of query rows, and
-a *tile* is a unit's rows against one block of keys.
+a *tile* is a unit's rows against one block of keys (:mod:`refattn.ops.sdpa.plan` lists them).
+Every tile's scores go through the shared pipeline
+(:func:`~refattn.ops.sdpa.scores.masked_scores`).
 
 Forward (online softmax, Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022). For one
 row block, over its visible key blocks :math:`j = 1, 2, \dots`:
@@ -32,7 +34,7 @@ above.
 Base 2. The kernels compute every weight as :math:`e^{x} = 2^{x \log_2 e}`, with
 :math:`\log_2 e` folded into a GEMM operand (the scaled queries, or the augmented keys), so
 that score tiles come out of the GEMM in base-2 units and the one elementwise pass is an
-``exp2``: twice as fast as ``exp`` in NumPy's float32 (:func:`~refattn._backend.exp2_inplace`),
+``exp2``, which NumPy computes faster than ``exp`` (:func:`~refattn._backend.exp2_inplace`),
 as FlashAttention does on GPUs. Running maxima and shifts are in base-2 units too; the LSE is
 converted back, :math:`\mathrm{lse} = m_2 \ln 2 + \log \ell`.
 
@@ -52,9 +54,10 @@ which is what makes a single pass over the tiles enough (``O = (P o D) V`` so
 ``rowsum(dO o O) = sum_j (P o D)_ij (dO V^T)_ij = sum_j P_ij dP_ij``). A fully masked row has
 ``lse = -inf`` and all its scores ``-inf``, hence ``P = 0`` and zero gradients.
 
-Structured masks. A :class:`Pattern` (causal, a band around the diagonal, global tokens) is
-evaluated from *indices*: each tile is classified as empty (skipped, never computed), full (no
-mask needed) or partial (a ``block_q x block_k`` keep-mask is built from two ``arange``). Causal
+Structured masks. A :class:`~refattn.ops.sdpa.plan.Pattern` (causal, a band around the
+diagonal, global tokens) is evaluated from *indices*: each tile is classified as empty (skipped,
+never computed), full (no mask needed) or partial (a ``block_q x block_k`` keep-mask is built
+from two ``arange``). Causal
 attention thus visits about half the tiles, and a sliding window ``O(n w / b^2)`` of them.
 
 Parallelism. Forward units are independent (``parallel_map``). In the backward, ``dQ`` rows
@@ -68,337 +71,39 @@ Memory beyond inputs and outputs: per thread a few tiles, plus in the second cas
 
 from __future__ import annotations
 
-import bisect
-import functools
-import itertools
 import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._backend import (
-    LOG2E,
-    all_true,
-    device_of,
-    exp2_inplace,
-    itemsize,
-    matmul_scratch,
-    n_threads,
-    parallel_map,
-)
-from .attention import Problem, prepare
+from ..._backend import LOG2E, all_true, device_of, exp2_inplace, is_numpy_namespace, itemsize
+from ..._runtime import matmul_scratch, n_threads, parallel_map
+from . import plan as tile_plans
+from .plan import DEFAULT_BLOCK, Heads, Plan, plan_tiles
+from .problem import Problem
+from .scores import heads_of, masked_scores, tile
 
-__all__ = [
-    "DEFAULT_BLOCK",
-    "Pattern",
-    "Plan",
-    "TiledResiduals",
-    "check_block_size",
-    "make_plan",
-    "sdpa_backward",
-    "sdpa_forward",
-    "tiled_backward",
-    "tiled_forward",
-]
+__all__ = ["TiledResiduals", "forward", "make_plan", "tiled_backward", "tiled_forward"]
 
 Array = Any
 
-#: default query and key block size (rows and columns of a tile)
-DEFAULT_BLOCK = 512
-#: largest tile (all heads of a unit) in bytes; units take as many heads as fit
-_TILE_BYTES = 2 * 2**20
 #: ``K`` and ``V`` up to this many bytes are augmented once per call, larger ones per head chunk
 _SHARED_KEY_BYTES = 4 * 2**20
 #: the bounded forward augments the keys when they meet more query rows (``g n_q``) than this
 _AUGMENT_ROWS = 2048
-#: calls whose scores take fewer bytes than this run serially (threads would cost more)
-_SERIAL_BYTES = 2**20
-
-_EMPTY, _PARTIAL, _FULL = 0, 1, 2
 
 
-# ----------------------------------------------------------------------------- patterns
-
-
-@dataclass(frozen=True)
-class Pattern:
-    r"""A structured keep-mask, evaluated from indices (never materialized).
-
-    Query ``i`` may attend key ``j`` iff
-
-    .. math::
-
-        (j - i \le \mathrm{causal}) \wedge \bigl(\mathrm{band}(i, j) \vee i < G \vee j < G\bigr),
-        \qquad \mathrm{band}(i, j) = (i - j \le \mathrm{left}) \wedge (j - i \le \mathrm{right}),
-
-    where a ``None`` bound is absent and ``G = n_global``.
-
-    * causal SDPA: ``Pattern(causal=0)`` (upper-left) or ``causal=n_k - n_q`` (lower-right);
-    * sliding window ``w``: ``Pattern(left=w, right=w, n_global=G)``, causal:
-      ``Pattern(causal=0, left=w, n_global=G)``.
-    """
-
-    causal: int | None = None
-    left: int | None = None
-    right: int | None = None
-    n_global: int = 0
-
-    def tile_state(self, r0: int, r1: int, c0: int, c1: int) -> int:
-        """Whether rows ``r0:r1`` x keys ``c0:c1`` are all hidden, all visible, or mixed."""
-        causal_full = True
-        if self.causal is not None:
-            if c0 - (r1 - 1) > self.causal:  # the smallest j - i is already too large
-                return _EMPTY
-            causal_full = (c1 - 1) - r0 <= self.causal
-        left, right, g = self.left, self.right, self.n_global
-        band_empty = (left is not None and r0 - (c1 - 1) > left) or (
-            right is not None and c0 - (r1 - 1) > right
-        )
-        band_full = (left is None or (r1 - 1) - c0 <= left) and (
-            right is None or (c1 - 1) - r0 <= right
-        )
-        global_full = r1 <= g or c1 <= g
-        global_empty = r0 >= g and c0 >= g
-        if band_empty and global_empty:
-            return _EMPTY
-        if (band_full or global_full) and causal_full:
-            return _FULL
-        return _PARTIAL
-
-    def keep(self, xp: Any, r0: int, r1: int, c0: int, c1: int, device: Any) -> Array:
-        """The ``(r1 - r0, c1 - c0)`` boolean keep-mask of one tile (read-only: it may be cached).
-
-        Without global tokens the mask depends on ``i - j`` only, so the tiles along one
-        diagonal (all causal diagonal tiles, say) share one cached mask.
-        """
-        if self.n_global == 0:
-            return _relative_keep(self, xp, r1 - r0, c1 - c0, r0 - c0, device)
-        return self._keep(xp, r0, r1, c0, c1, device)
-
-    def _keep(self, xp: Any, r0: int, r1: int, c0: int, c1: int, device: Any) -> Array:
-        i = xp.arange(r0, r1, device=device)[:, None]
-        j = xp.arange(c0, c1, device=device)[None, :]
-        keep = xp.ones((r1 - r0, c1 - c0), dtype=xp.bool, device=device)
-        if self.left is not None:
-            keep = xp.logical_and(keep, i - j <= self.left)
-        if self.right is not None:
-            keep = xp.logical_and(keep, j - i <= self.right)
-        if self.n_global:
-            keep = xp.logical_or(keep, xp.logical_or(i < self.n_global, j < self.n_global))
-        if self.causal is not None:
-            keep = xp.logical_and(keep, j - i <= self.causal)
-        return keep
-
-    def key_ranges(self, r0: int, r1: int, n_k: int) -> list[tuple[int, int]]:
-        """Key intervals that may hold visible keys for rows ``r0:r1`` (a superset)."""
-        hi = n_k if self.causal is None else max(0, min(n_k, r1 + self.causal))
-        if r0 < self.n_global:
-            return [(0, hi)]
-        lo_band = 0 if self.left is None else max(0, r0 - self.left)
-        hi_band = hi if self.right is None else min(hi, r1 + self.right)
-        return [(0, min(self.n_global, hi)), (lo_band, hi_band)]
-
-
-@functools.lru_cache(maxsize=16)
-def _relative_keep(
-    pattern: Pattern, xp: Any, rows: int, cols: int, offset: int, device: Any
-) -> Array:
-    """:meth:`Pattern.keep` of a tile whose first row is ``offset`` past its first column."""
-    return pattern._keep(xp, offset, offset + rows, 0, cols, device)
-
-
-# ----------------------------------------------------------------------------- planning
-
-
-def check_block_size(block_size: Any, op: str) -> tuple[int, int] | None:
-    """Validate ``block_size``: None, a positive int, or a pair ``(block_q, block_k)``."""
-    if block_size is None:
-        return None
-    pair = block_size if isinstance(block_size, (tuple, list)) else (block_size, block_size)
-    ok = len(pair) == 2 and all(
-        isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in pair
-    )
-    if not ok:
-        raise ValueError(
-            f"refattn.{op}: block_size must be a positive int or a pair (block_q, block_k) of "
-            f"positive ints, got {block_size!r}"
-        )
-    return int(pair[0]), int(pair[1])
-
-
-@dataclass(frozen=True)
-class Heads:
-    """A chunk of heads: canonical axes ``b0:b1`` (batch) and ``h0:h1`` (kv heads)."""
-
-    b0: int
-    b1: int
-    h0: int
-    h1: int
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How one call is cut into work (shared by the calls of one shape: read-only).
-
-    Attributes
-    ----------
-    heads : tuple of :class:`Heads`
-    rows : tuple of ``(r0, r1)`` query blocks
-    visible : per query block, its non-empty key tiles ``(c0, c1, full)``
-    score_bytes : scores computed by one pass over all tiles, in bytes
-    """
-
-    heads: tuple[Heads, ...]
-    rows: tuple[tuple[int, int], ...]
-    visible: tuple[tuple[tuple[int, int, bool], ...], ...]
-    score_bytes: int = 0
-
-    @functools.cached_property
-    def units(self) -> tuple[tuple[Heads, int], ...]:
-        """Every (head chunk, row block), the most tiles first.
-
-        Taken from a shared queue by the threads, largest first (LPT scheduling), so that the
-        unequal units of a causal or banded pattern finish together.
-        """
-        order = sorted(range(len(self.rows)), key=lambda ri: -len(self.visible[ri]))
-        return tuple((hc, ri) for hc in self.heads for ri in order)
-
-    def work(self, n_lanes: int) -> list[tuple[Heads | None, list[tuple[Heads, int]]]]:
-        """Work items ``(chunk, units)`` for ``n_lanes`` threads.
-
-        With at least two head chunks per lane, an item is a whole head chunk (``chunk`` is its
-        :class:`Heads`): what depends on the heads only (augmented keys) is prepared once per
-        item, and items write disjoint heads of ``dK, dV``. Otherwise an item is one unit
-        (``chunk`` None), in :attr:`units` order.
-        """
-        units = self.units
-        if len(self.heads) >= 2 * n_lanes:
-            return [(hc, [u for u in units if u[0] is hc]) for hc in self.heads]
-        return [(None, [u]) for u in units]
-
-    @property
-    def n_tiles(self) -> int:
-        """Computed tiles per head chunk (for tests and benchmarks)."""
-        return sum(len(v) for v in self.visible)
-
-    @property
-    def small(self) -> bool:
-        """Too little work for threads to pay off: run the units serially."""
-        return self.score_bytes < _SERIAL_BYTES
-
-
-def _edges(n: int, block: int, split: int) -> list[int]:
-    edges = set(range(0, n, block)) | {n}
-    if 0 < split < n:
-        edges.add(split)
-    return sorted(edges)
-
-
-def make_plan(
-    pb: Problem, pattern: Pattern | None, block_size: tuple[int, int] | None = None
-) -> Plan:
-    """Blocks, head chunks and the visible tiles of ``pb`` under ``pattern``.
-
-    Query and key blocks are ``block_size`` (default :data:`DEFAULT_BLOCK`), with an extra edge
-    at ``pattern.n_global`` so that global rows and columns form their own blocks. Heads are
-    grouped so that a unit's tile stays under :data:`_TILE_BYTES`. Plans are cached by shape
-    (planning a causal call costs as much as a small forward).
-    """
+def make_plan(pb: Problem, block_size: tuple[int, int] | None = None) -> Plan:
+    """The tile plan of ``pb`` under its pattern, blocks ``block_size`` (default 512 x 512)."""
     b, h_kv, g = (int(s) for s in pb.q.shape[:3])
+    blocks = block_size or pb.block_size or (DEFAULT_BLOCK, DEFAULT_BLOCK)
     elem_bytes = itemsize(pb.xp, pb.q.dtype)
-    blocks = block_size or (DEFAULT_BLOCK, DEFAULT_BLOCK)
-    return _plan(b, h_kv, g, pb.n_q, pb.n_k, elem_bytes, pattern, blocks, _TILE_BYTES)
-
-
-@functools.lru_cache(maxsize=64)
-def _plan(
-    b: int,
-    h_kv: int,
-    g: int,
-    n_q: int,
-    n_k: int,
-    elem_bytes: int,
-    pattern: Pattern | None,
-    blocks: tuple[int, int],
-    tile_bytes: int,
-) -> Plan:
-    block_q, block_k = blocks
-    split = pattern.n_global if pattern is not None else 0
-    row_edges = _edges(n_q, block_q, split)
-    col_edges = _edges(n_k, block_k, split)
-    rows = tuple(itertools.pairwise(row_edges))
-    cols = list(itertools.pairwise(col_edges))
-    visible = tuple(_visible_tiles(pattern, r0, r1, cols, col_edges, n_k) for r0, r1 in rows)
-    tile = max(1, g * min(block_q, max(n_q, 1)) * min(block_k, max(n_k, 1)) * elem_bytes)
-    heads = tuple(_head_chunks(b, h_kv, max(1, tile_bytes // tile)))
-    scores_per_head = sum(
-        (r1 - r0) * (c1 - c0)
-        for (r0, r1), tiles in zip(rows, visible, strict=True)
-        for c0, c1, _ in tiles
-    )
-    return Plan(heads, rows, visible, elem_bytes * b * h_kv * g * scores_per_head)
-
-
-def _visible_tiles(
-    pattern: Pattern | None,
-    r0: int,
-    r1: int,
-    cols: list[tuple[int, int]],
-    col_edges: list[int],
-    n_k: int,
-) -> tuple[tuple[int, int, bool], ...]:
-    if pattern is None:
-        return tuple((c0, c1, True) for c0, c1 in cols)
-    candidates: set[int] = set()
-    for lo, hi in pattern.key_ranges(r0, r1, n_k):
-        if hi <= lo:
-            continue
-        first = bisect.bisect_right(col_edges, lo) - 1
-        last = bisect.bisect_left(col_edges, hi)
-        candidates.update(range(max(first, 0), min(last, len(cols))))
-    tiles = []
-    for ci in sorted(candidates):
-        c0, c1 = cols[ci]
-        state = pattern.tile_state(r0, r1, c0, c1)
-        if state != _EMPTY:
-            tiles.append((c0, c1, state == _FULL))
-    return tuple(tiles)
-
-
-def _head_chunks(b: int, h_kv: int, per_unit: int) -> list[Heads]:
-    if per_unit >= b * h_kv:
-        return [Heads(0, b, 0, h_kv)]
-    if per_unit >= h_kv:
-        step = per_unit // h_kv
-        return [Heads(b0, min(b0 + step, b), 0, h_kv) for b0 in range(0, b, step)]
-    return [
-        Heads(b0, b0 + 1, h0, min(h0 + per_unit, h_kv))
-        for b0 in range(b)
-        for h0 in range(0, h_kv, per_unit)
-    ]
+    tile_bytes = tile_plans.TILE_BYTES
+    return plan_tiles(b, h_kv, g, pb.n_q, pb.n_k, elem_bytes, pb.pattern, blocks, tile_bytes)
 
 
 # ----------------------------------------------------------------------------- slicing
-
-
-def _kv(x: Array, hc: Heads) -> Array:
-    """Heads ``hc`` of a canonical ``(B, Hkv, ...)`` array (axes of size 1 broadcast)."""
-    b = slice(None) if x.shape[0] == 1 else slice(hc.b0, hc.b1)
-    h = slice(None) if x.shape[1] == 1 else slice(hc.h0, hc.h1)
-    return x[b, h, ...]
-
-
-def _tile(x: Array | None, hc: Heads, r0: int, r1: int, c0: int, c1: int) -> Array | None:
-    """Tile of a canonical broadcastable ``(B|1, Hkv|1, g|1, n_q|1, n_k|1)`` array.
-
-    Only the tile is sliced (a view): a broadcast mask or bias is never expanded.
-    """
-    if x is None:
-        return None
-    r = slice(None) if x.shape[3] == 1 else slice(r0, r1)
-    c = slice(None) if x.shape[4] == 1 else slice(c0, c1)
-    return _kv(x, hc)[:, :, :, r, c]
 
 
 def _merge(xp: Any, x: Array) -> Array:
@@ -415,7 +120,6 @@ def _split(xp: Any, x: Array, g: int) -> Array:
 
 def _scores(
     pb: Problem,
-    pattern: Pattern | None,
     hc: Heads,
     q_scaled: Array,
     k: Array,
@@ -426,30 +130,20 @@ def _scores(
     c1: int,
     full: bool,
 ) -> Array:
-    """``q_scaled K^T + LOG2E bias`` of one tile, ``-inf`` where masked: ``(b, h, g, r, c)``.
+    """``q_scaled K^T`` of one tile through the score pipeline, base 2: ``(b, h, g, r, c)``.
 
-    Scores in base-2 units: the callers fold ``LOG2E`` (and ``scale``) into ``q_scaled`` or
-    ``k``, so that the result is ``LOG2E (scale Q K^T + bias)``, minus any row shift they fold
-    in too. Without a mask the result is the thread's work array ``"s"``
-    (``matmul_scratch``): valid until the thread's next tile.
+    The callers fold ``LOG2E`` (and ``scale``) into ``q_scaled`` or ``k``, so that the GEMM
+    gives ``LOG2E scale Q K^T`` (minus any row shift they fold in too);
+    :func:`~refattn.ops.sdpa.scores.masked_scores` adds ``LOG2E bias`` and hides the masked
+    pairs. Without a mask the result is the thread's work array ``"s"`` (``matmul_scratch``):
+    valid until the thread's next tile.
     """
     xp = pb.xp
     s = _split(xp, matmul_scratch(xp, q_scaled, xp.matrix_transpose(k[:, :, c0:c1, :]), "s"), g)
-    bias = _tile(pb.bias, hc, r0, r1, c0, c1)
-    if bias is not None:
-        s += bias * LOG2E
-    keep = _tile(pb.keep, hc, r0, r1, c0, c1)
-    if not full:
-        structured = pattern.keep(xp, r0, r1, c0, c1, device_of(s))
-        keep = structured if keep is None else xp.logical_and(keep, structured)
-    if keep is not None:
-        s = xp.where(keep, s, -math.inf)
-    return s
+    return masked_scores(pb, s, hc, r0, r1, c0, c1, full=full, unit=LOG2E)
 
 
 def _is_threaded(xp: Any) -> bool:
-    from array_api_compat import is_numpy_namespace
-
     return is_numpy_namespace(xp) and n_threads() > 1
 
 
@@ -465,7 +159,7 @@ def _run(xp: Any, fn: Any, items: Sequence[Any], *, serial: bool = False) -> Non
 
 
 def tiled_forward(
-    pb: Problem, pattern: Pattern | None, plan: Plan, *, want_weights: bool = False
+    pb: Problem, plan: Plan, *, want_weights: bool = False
 ) -> tuple[Array, Array, Array | None]:
     """Online-softmax forward: ``(O, lse, P or None)`` in the canonical layout.
 
@@ -492,12 +186,12 @@ def tiled_forward(
     items = plan.work(n_lanes)
     online = items
     if pb.bias is None and pb.drop is None and not want_weights:
-        online = _bounded_forward(pb, pattern, plan, items, o, lse, serial=n_lanes == 1)
+        online = _bounded_forward(pb, plan, items, o, lse, serial=n_lanes == 1)
 
     def run(item: tuple[Heads | None, list[tuple[Heads, int]]]) -> None:
         for hc, ri in item[1]:
             r0, r1 = plan.rows[ri]
-            o_u, lse_u = _forward_unit(pb, pattern, plan.visible[ri], hc, r0, r1, weights)
+            o_u, lse_u = _forward_unit(pb, plan.visible[ri], hc, r0, r1, weights)
             o[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = o_u
             lse[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1] = lse_u
 
@@ -540,7 +234,7 @@ class _ChunkKeys:
 
     def heads(self, x: Array, hc: Heads) -> Array:
         """Heads ``hc`` of ``x`` (``x`` itself when it was built for that chunk)."""
-        return x if self.chunk is not None else _kv(x, hc)
+        return x if self.chunk is not None else heads_of(x, hc)
 
 
 @dataclass
@@ -557,8 +251,8 @@ class BoundedKeys(_ChunkKeys):
     @classmethod
     def of(cls, pb: Problem, chunk: Heads | None = None) -> BoundedKeys:
         xp = pb.xp
-        k = pb.k if chunk is None else _kv(pb.k, chunk)
-        v = pb.v if chunk is None else _kv(pb.v, chunk)
+        k = pb.k if chunk is None else heads_of(pb.k, chunk)
+        v = pb.v if chunk is None else heads_of(pb.v, chunk)
         return cls(chunk, _base2_keys(xp, k, pb.scale), _append_column(xp, v))
 
 
@@ -601,7 +295,6 @@ class _Bounds:
 
 def _forward_unit(
     pb: Problem,
-    pattern: Pattern | None,
     tiles: Sequence[tuple[int, int, bool]],
     hc: Heads,
     r0: int,
@@ -613,7 +306,7 @@ def _forward_unit(
     q = pb.q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :]
     bh, hh, g, r, _ = q.shape
     q_scaled = _merge(xp, q * (pb.scale * LOG2E))  # scores in base-2 units
-    k, v = _kv(pb.k, hc), _kv(pb.v, hc)
+    k, v = heads_of(pb.k, hc), heads_of(pb.v, hc)
     d_v = v.shape[-1]
     dtype, device = q.dtype, device_of(q)
     m = xp.full((bh, hh, g, r, 1), -math.inf, dtype=dtype, device=device)
@@ -621,14 +314,14 @@ def _forward_unit(
     total = xp.zeros_like(m)
     acc = xp.zeros((bh, hh, g, r, d_v), dtype=dtype, device=device)
     for c0, c1, full in tiles:
-        s = _scores(pb, pattern, hc, q_scaled, k, g, r0, r1, c0, c1, full)
+        s = _scores(pb, hc, q_scaled, k, g, r0, r1, c0, c1, full)
         m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
         new_shift = xp.where(xp.isfinite(m_new), m_new, xp.zeros_like(m_new))
         alpha = 2.0 ** (m - new_shift)  # 2^-inf = 0 before the first visible key
         s -= new_shift
         p = exp2_inplace(xp, s)
         total = alpha * total + xp.sum(p, axis=-1, keepdims=True)
-        drop = _tile(pb.drop, hc, r0, r1, c0, c1)
+        drop = tile(pb.drop, hc, r0, r1, c0, c1)
         if drop is not None:
             p = p * drop
         acc = alpha * acc + _split(xp, _merge(xp, p) @ v[:, :, c0:c1, :], g)
@@ -638,13 +331,12 @@ def _forward_unit(
     o = acc / safe
     lse = xp.where(positive, shift * math.log(2.0) + xp.log(safe), -math.inf)
     if weights is not None:
-        _fill_weights(pb, pattern, tiles, hc, r0, r1, q_scaled, k, g, lse, weights)
+        _fill_weights(pb, tiles, hc, r0, r1, q_scaled, k, g, lse, weights)
     return o, lse[..., 0]
 
 
 def _bounded_forward(
     pb: Problem,
-    pattern: Pattern | None,
     plan: Plan,
     items: list[tuple[Heads | None, list[tuple[Heads, int]]]],
     o: Array,
@@ -686,11 +378,8 @@ def _bounded_forward(
       10; the limit is about 80 in float32 and 700 in float64.)
 
     The copies of ``K`` and ``V`` are made once per call, before the threads start, and pay
-    off over many row blocks; with few rows the plain form costs less. Measured at 2 threads,
-    float32: the plain form 3-4 % faster at (8, 512, 64) (in float64 too), equal at
-    (4, 1024, 64) and (2, 2048, 64), 2-4 % slower at (2, 4096, 64) and (1, 8192, 64) (with
-    the shift; skipping it made the plain form another 2-4 % faster, measured at
-    (8, 512, 64), (4, 1024, 64) and (2, 2048, 64)).
+    off over many row blocks; with few rows the plain form costs less (the crossover,
+    :data:`_AUGMENT_ROWS`, was measured: docs/efficient.md).
 
     The thread that owns a unit computes its rows' ``|q_i|``. The per-head ``max_j |k_j|`` and
     ``max |V|`` (:class:`_Bounds`), vectorized over the whole call, are the first work item in
@@ -701,10 +390,7 @@ def _bounded_forward(
 
     Besides removing that serial time, the work item staggers the lanes. Lanes that start
     together on equal units stay in step, and finish each GEMM together: both then want the
-    GIL at the same moment, and the one that waits sleeps, at tens of microseconds per wake-up
-    on the 2-core VM. Measured at (8, 512, 64): about 10 voluntary context switches per call
-    in step, 6-7 staggered; the forward 1-3 % faster (float32 and float64, and (4, 1024, 64)),
-    in-process A/B.
+    GIL at the same moment, and the one that waits sleeps (docs/efficient.md has the figures).
 
     Precision. With the shift ``c`` (``b`` or 0) the largest weight of row ``i`` is
     ``exp(m - c)``, and it may lie far below 1: the bound may exceed the true row max ``m`` by a
@@ -716,8 +402,8 @@ def _bounded_forward(
     declines ``V`` too small for that). A subnormal contribution then errs by at most half its
     spacing, ``smallest_normal * eps / 2``, so after the division by ``l`` each of the ``n_k``
     terms of ``O`` errs by at most ``smallest_normal^(3/4) eps / 2 <= eps max|V| / 2``. (A
-    subnormal weight itself errs by at most 2 such spacings, measured for NumPy's ``exp2``:
-    after the division, ``2 smallest_normal^(3/4) eps max|V| / n_k`` per term, far below that.)
+    subnormal weight from ``exp2`` errs by at most 2 such spacings: after the division,
+    ``2 smallest_normal^(3/4) eps max|V| / n_k`` per term, far below that.)
     Otherwise (wide gaps, rows with no visible key, non-finite inputs) the unit is returned,
     for the online softmax to compute. With unit-variance random inputs the gap ``b - m`` is a
     few units, far inside the limit; it grows with the norms of queries and keys that point
@@ -727,7 +413,7 @@ def _bounded_forward(
     xp = pb.xp
     if math.prod(pb.v.shape) == 0:  # no keys, values or batch: nothing to bound
         return items
-    call = _BoundedCall.of(pb, pattern, plan, o)
+    call = _BoundedCall.of(pb, plan, o)
     shared = None
     if call.augment:
         call.bounds.compute()  # the augmented queries [Q, -b] need them before any GEMM
@@ -767,7 +453,7 @@ def _bounded_forward(
 class _Once:
     """A value computed once, by one work item of a parallel run, and awaited by the others.
 
-    :func:`~refattn._backend.parallel_map` hands out items in order, so the item that computes
+    :func:`~refattn._runtime.parallel_map` hands out items in order, so the item that computes
     it is taken before any item that waits for it: no wait can deadlock. An exception raised
     while computing is raised again to every waiter.
     """
@@ -803,7 +489,6 @@ class _BoundedCall:
     """
 
     pb: Problem
-    pattern: Pattern | None
     plan: Plan
     o: Array
     shift: Array
@@ -813,7 +498,7 @@ class _BoundedCall:
     min_total: float
 
     @classmethod
-    def of(cls, pb: Problem, pattern: Pattern | None, plan: Plan, o: Array) -> _BoundedCall:
+    def of(cls, pb: Problem, plan: Plan, o: Array) -> _BoundedCall:
         xp = pb.xp
         shape = (*pb.q.shape[:-1], 1)
         shift = xp.empty(shape, dtype=pb.q.dtype, device=device_of(pb.q))
@@ -822,7 +507,6 @@ class _BoundedCall:
         augment = int(pb.q.shape[2]) * pb.n_q > _AUGMENT_ROWS
         return cls(
             pb,
-            pattern,
             plan,
             o,
             shift,
@@ -871,11 +555,11 @@ class _BoundedCall:
             k, v = keys.heads(keys.k, hc), keys.heads(keys.v, hc)
         else:
             q_in = _merge(xp, q * (pb.scale * LOG2E))
-            k, v = _kv(pb.k, hc), _kv(pb.v, hc)
+            k, v = heads_of(pb.k, hc), heads_of(pb.v, hc)
             ones = xp.ones((pb.n_k, 1), dtype=q.dtype, device=device_of(q))
         acc = ell = shift = None
         for i, (c0, c1, full) in enumerate(tiles):
-            s = _scores(pb, self.pattern, hc, q_in, k, g, r0, r1, c0, c1, full)
+            s = _scores(pb, hc, q_in, k, g, r0, r1, c0, c1, full)
             if keys is None:
                 if i == 0:
                     shift = self._row_shift(rows, norms, hc, True)
@@ -900,7 +584,7 @@ class _BoundedCall:
         bounds = self.bounds.get()
         if bounds is None:
             raise _Declined
-        bound = norms * _kv(bounds.key, hc)
+        bound = norms * heads_of(bounds.key, hc)
         if plain and all_true(xp, bound <= bounds.unshifted):
             self.shift[rows] = 0.0
             return None
@@ -922,7 +606,6 @@ def _accumulate(total: Array | None, part: Array) -> Array:
 
 def _fill_weights(
     pb: Problem,
-    pattern: Pattern | None,
     tiles: Sequence[tuple[int, int, bool]],
     hc: Heads,
     r0: int,
@@ -937,7 +620,7 @@ def _fill_weights(
     xp = pb.xp
     lse_safe = xp.where(xp.isfinite(lse), lse * LOG2E, xp.zeros_like(lse))  # base 2
     for c0, c1, full in tiles:
-        s = _scores(pb, pattern, hc, q_scaled, k, g, r0, r1, c0, c1, full)
+        s = _scores(pb, hc, q_scaled, k, g, r0, r1, c0, c1, full)
         s -= lse_safe
         weights[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, c0:c1] = exp2_inplace(xp, s)
 
@@ -947,7 +630,6 @@ def _fill_weights(
 
 def tiled_backward(
     pb: Problem,
-    pattern: Pattern | None,
     plan: Plan,
     o: Array,
     lse: Array,
@@ -991,7 +673,7 @@ def tiled_backward(
                 r0, r1 = plan.rows[ri]
                 tiles = plan.visible[ri]
                 dq_u = _backward_unit(
-                    pb, pattern, tiles, hc, r0, r1, o, lse, d_o, d_w, d_lse, lane_dk, lane_dv, keys
+                    pb, tiles, hc, r0, r1, o, lse, d_o, d_w, d_lse, lane_dk, lane_dv, keys
                 )
                 d_q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = dq_u
 
@@ -1005,7 +687,6 @@ def tiled_backward(
 
 def _backward_unit(
     pb: Problem,
-    pattern: Pattern | None,
     tiles: Sequence[tuple[int, int, bool]],
     hc: Heads,
     r0: int,
@@ -1043,7 +724,7 @@ def _backward_unit(
     lse_safe = xp.where(xp.isfinite(lse_u), lse_u, xp.zeros_like(lse_u))
     q_shifted = _merge(xp, _append_column(xp, q * pb.scale, -lse_safe))
     q_scaled = q_shifted[..., :-1]
-    k, k_aug = _kv(pb.k, hc), keys.heads(keys.k, hc)
+    k, k_aug = heads_of(pb.k, hc), keys.heads(keys.k, hc)
     # the per-row constant c = Delta - dlse (+ rowsum(P o dW)), computed before the tile loop
     c = xp.zeros_like(lse_u)
     if d_o is not None:
@@ -1053,7 +734,7 @@ def _backward_unit(
     d_w_u = None if d_w is None else d_w[rows]
     if d_w_u is not None:
         for c0, c1, full in tiles:  # extra pass: rowsum(P o dW) needs the whole row
-            s = _scores(pb, pattern, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full)
+            s = _scores(pb, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full)
             c = c + xp.sum(exp2_inplace(xp, s) * d_w_u[..., c0:c1], axis=-1, keepdims=True)
     d_o_m = d_o_shifted = None
     if d_o is not None:
@@ -1062,8 +743,8 @@ def _backward_unit(
             d_o_shifted = _merge(xp, _append_column(xp, d_o[rows], -c))
     d_q = xp.zeros(tuple(q_scaled.shape), dtype=q.dtype, device=device_of(q))
     for c0, c1, full in tiles:
-        p = exp2_inplace(xp, _scores(pb, pattern, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full))
-        drop = _tile(pb.drop, hc, r0, r1, c0, c1)
+        p = exp2_inplace(xp, _scores(pb, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full))
+        drop = tile(pb.drop, hc, r0, r1, c0, c1)
         if d_o_m is not None:
             p_drop = p if drop is None else p * drop
             d_v[rows[0], rows[1], c0:c1, :] += xp.matrix_transpose(_merge(xp, p_drop)) @ d_o_m
@@ -1071,7 +752,7 @@ def _backward_unit(
                 v_t = xp.matrix_transpose(keys.heads(keys.v, hc)[:, :, c0:c1, :])
                 d_p = _split(xp, matmul_scratch(xp, d_o_shifted, v_t, "dp"), g)
             else:
-                v_t = xp.matrix_transpose(_kv(pb.v, hc)[:, :, c0:c1, :])
+                v_t = xp.matrix_transpose(heads_of(pb.v, hc)[:, :, c0:c1, :])
                 d_p = _split(xp, matmul_scratch(xp, d_o_m, v_t, "dp"), g)
                 d_p *= drop
                 d_p -= c
@@ -1101,10 +782,10 @@ class AugmentedKeys(_ChunkKeys):
     @classmethod
     def of(cls, pb: Problem, with_v: bool, chunk: Heads | None = None) -> AugmentedKeys:
         xp = pb.xp
-        k = pb.k if chunk is None else _kv(pb.k, chunk)
+        k = pb.k if chunk is None else heads_of(pb.k, chunk)
         v = None
         if with_v and pb.drop is None:
-            v = _append_column(xp, pb.v if chunk is None else _kv(pb.v, chunk))
+            v = _append_column(xp, pb.v if chunk is None else heads_of(pb.v, chunk))
         return cls(chunk, _base2_keys(xp, k, 1.0), v)
 
 
@@ -1113,79 +794,30 @@ class AugmentedKeys(_ChunkKeys):
 
 @dataclass
 class TiledResiduals:
-    """What the tiled SDPA forward saves: the problem (inputs), the plan, ``O`` and the LSE."""
+    """What the tiled forward saves: the problem (inputs), the plan, ``O`` and the LSE."""
 
     pb: Problem
-    pattern: Pattern | None
     plan: Plan
     o: Array
     lse: Array
 
+    def vjp(
+        self, d_o: Array | None, d_w: Array | None = None, d_lse: Array | None = None
+    ) -> tuple[Array, Array, Array]:
+        """Canonical ``(dQ, dK, dV)`` from canonical cotangents (see :func:`tiled_backward`)."""
+        return tiled_backward(self.pb, self.plan, self.o, self.lse, d_o, d_w, d_lse)
 
-def causal_pattern(is_causal: bool, alignment: str, n_q: int, n_k: int) -> Pattern | None:
-    """The :class:`Pattern` of SDPA's causal mask (None when not causal)."""
-    if not is_causal:
-        return None
-    return Pattern(causal=0 if alignment == "upper_left" else n_k - n_q)
 
+def forward(
+    pb: Problem, *, want_weights: bool, plan: Plan | None = None
+) -> tuple[Array, Array | None, Array, TiledResiduals]:
+    """``(O, P or None, lse, residuals)`` in the canonical layout.
 
-def sdpa_forward(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    mask: Array | None = None,
-    bias: Array | None = None,
-    is_causal: bool = False,
-    causal_alignment: str = "upper_left",
-    scale: float | None = None,
-    dropout_mask: Array | None = None,
-    dropout_p: float = 0.0,
-    return_weights: bool = False,
-    return_lse: bool = False,
-    block_size: Any = None,
-) -> tuple[Any, TiledResiduals]:
-    """``scaled_dot_product_attention(..., implementation="tiled")``: ``(result, residuals)``.
-
-    Same arguments and results as the materialized op. The causal mask is never built: it is a
-    :class:`Pattern` whose fully hidden tiles are skipped. ``return_weights`` works (the
-    ``n_q x n_k`` weights are then an output, so they are materialized, from the final LSE), but
-    the forward itself and the saved state stay ``O(n d)``.
+    The causal mask is never built: it is ``pb.pattern``, whose fully hidden tiles are skipped.
+    ``want_weights`` works (the ``n_q x n_k`` weights are then an output, so they are
+    materialized, from the final LSE), but the forward itself and the saved state stay
+    ``O(n d)``.
     """
-    blocks = check_block_size(block_size, "scaled_dot_product_attention")
-    if not isinstance(is_causal, bool):
-        raise TypeError(
-            f"refattn.scaled_dot_product_attention: is_causal must be a bool, got {is_causal!r}"
-        )
-    pb = prepare(
-        q,
-        k,
-        v,
-        mask=mask,
-        bias=bias,
-        causal_alignment=causal_alignment,
-        scale=scale,
-        dropout_mask=dropout_mask,
-        dropout_p=dropout_p,
-    )
-    pattern = causal_pattern(is_causal, causal_alignment, pb.n_q, pb.n_k)
-    plan = make_plan(pb, pattern, blocks)
-    o, lse, weights = tiled_forward(pb, pattern, plan, want_weights=return_weights)
-    result = pb.result(o, weights, lse, return_lse=return_lse)
-    return result, TiledResiduals(pb, pattern, plan, o, lse)
-
-
-def sdpa_backward(
-    residuals: TiledResiduals,
-    cotangent: Any,
-    *,
-    return_weights: bool = False,
-    return_lse: bool = False,
-) -> tuple[Array, Array, Array]:
-    """The tiled SDPA's VJP: ``(dq, dk, dv)`` in the user's shapes."""
-    pb = residuals.pb
-    d_o, d_p, d_l = pb.cotangents(cotangent, return_weights=return_weights, return_lse=return_lse)
-    d_q, d_k, d_v = tiled_backward(
-        pb, residuals.pattern, residuals.plan, residuals.o, residuals.lse, d_o, d_p, d_l
-    )
-    return pb.gradients(d_q, d_k, d_v)
+    plan = plan or make_plan(pb)
+    o, lse, weights = tiled_forward(pb, plan, want_weights=want_weights)
+    return o, weights, lse, TiledResiduals(pb, plan, o, lse)

@@ -1,0 +1,15 @@
+"""Scaled dot-product attention: the op (:mod:`.op`) and its parts, one concept a module."""
+
+from .op import scaled_dot_product_attention
+from .plan import DEFAULT_BLOCK, Pattern
+from .problem import DEFAULT_MEMORY_BUDGET, Problem, dropout_scale, prepare
+
+__all__ = [
+    "DEFAULT_BLOCK",
+    "DEFAULT_MEMORY_BUDGET",
+    "Pattern",
+    "Problem",
+    "dropout_scale",
+    "prepare",
+    "scaled_dot_product_attention",
+]

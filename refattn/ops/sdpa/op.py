@@ -1,0 +1,172 @@
+r"""``scaled_dot_product_attention``: the public op, its forward and backward math.
+
+.. math::
+
+    S = \mathrm{scale}\cdot QK^\top + B,\qquad
+    P = \mathrm{softmax}_{\mathrm{kept}}(S),\qquad
+    O = (P \circ M_{\mathrm{drop}} / (1 - p))\,V,\qquad
+    \mathrm{lse}_i = \log \textstyle\sum_{j\,\mathrm{kept}} e^{S_{ij}} .
+
+The package, one concept a module:
+
+* :mod:`.problem`: every option validated once, the call in a canonical GQA layout;
+* :mod:`.scores`: the score pipeline (bias, mask, structured pattern) both kernels share;
+* :mod:`.plan`: structured masks as index rules, and the tiles they leave (no arrays);
+* :mod:`.materialized`: row blocks whose weights are kept for the backward;
+* :mod:`.tiled`: flash-style online softmax, ``O(n d)`` memory, LSE-recompute backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..._op import Op
+from . import materialized, tiled
+from .problem import prepare
+
+__all__ = ["scaled_dot_product_attention"]
+
+Array = Any
+
+
+def _sdpa_fwd(
+    q: Array,
+    k: Array,
+    v: Array,
+    /,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    causal_alignment: str = "upper_left",
+    scale: float | None = None,
+    dropout_mask: Array | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    return_lse: bool = False,
+    implementation: str = "auto",
+    block_size: int | tuple[int, int] | None = None,
+    memory_budget: int | None = None,
+) -> tuple[Any, Any]:
+    r"""Scaled dot-product attention, the float64 reference.
+
+    .. math::
+
+        O = \bigl(\mathrm{softmax}(\mathrm{scale}\cdot QK^\top + \mathrm{bias},
+        \ \mathrm{mask}) \circ \mathrm{dropout\_mask} / (1 - p)\bigr) V
+
+    Parameters
+    ----------
+    q : (..., Hq, n_q, d_k)
+        Queries; ``(n_q, d_k)`` and ``(Hq, n_q, d_k)`` work too.
+    k : (..., Hkv, n_k, d_k)
+    v : (..., Hkv, n_k, d_v)
+        ``Hq`` must be a multiple of ``Hkv``; query head ``h`` uses kv head ``h // (Hq // Hkv)``
+        (GQA; ``Hkv = 1`` is MQA). The batch axes ``...`` must be equal.
+    mask : bool, broadcastable to (..., Hq, n_q, n_k)
+        True = attend (the ``torch.nn.functional.scaled_dot_product_attention`` and
+        ``jax.nn.dot_product_attention`` meaning).
+    bias : float, broadcastable to (..., Hq, n_q, n_k)
+        Added to the scaled scores (ALiBi, relative positions, torch's float ``attn_mask``).
+    is_causal : bool
+        Also mask keys after the query, aligned by ``causal_alignment``.
+    causal_alignment : {"upper_left", "lower_right"}
+        "upper_left" (torch and JAX): key ``j`` is visible to query ``i`` iff ``j <= i``.
+        "lower_right" (FlashAttention): iff ``j <= i + n_k - n_q``.
+    scale : float, optional
+        Defaults to ``1 / sqrt(d_k)``.
+    dropout_mask : bool or float, broadcastable to (..., Hq, n_q, n_k)
+        True/1 = keep. Kept weights are multiplied by ``1 / (1 - dropout_p)``. There is no RNG in
+        refattn's ops: the caller draws the mask, so results are reproducible.
+    dropout_p : float in [0, 1)
+    return_weights : bool
+        Also return the attention weights ``P`` (..., Hq, n_q, n_k), **before** dropout.
+    return_lse : bool
+        Also return the per-row log-sum-exp of the scaled, biased, masked scores
+        (..., Hq, n_q); ``-inf`` for a fully masked row.
+    implementation : {"auto", "materialized", "tiled"}
+        How the same op is computed (results agree to ~1e-15 relative in float64).
+        "materialized" forms the ``n_q x n_k`` weights in row blocks and keeps them for the
+        backward. "tiled" is flash-style (see :mod:`refattn.ops.sdpa.tiled`): an online softmax over
+        key blocks, saving only ``O`` and the LSE, and a backward that recomputes the weights tile
+        by tile; its extra memory is ``O(n d)``, and causal masks skip fully hidden tiles (about
+        half the work). With ``return_weights=True`` the tiled path still works, but the weights
+        are an ``n_q x n_k`` output, so they are materialized (from the final LSE).
+        "auto" (default) picks "tiled" when the scores of the whole call,
+        ``batch * Hq * n_q * n_k`` entries in the input dtype, exceed ``memory_budget``, and
+        "materialized" otherwise, or whenever ``return_weights=True``.
+    block_size : int or (block_q, block_k), optional
+        Tile size of the tiled implementation (default :data:`refattn.ops.sdpa.plan.DEFAULT_BLOCK`,
+        512); ignored by "materialized".
+    memory_budget : int, optional
+        Bytes of scores "auto" may materialize; default 4 MiB
+        (:data:`~refattn.ops.sdpa.problem.DEFAULT_MEMORY_BUDGET`).
+
+    Returns
+    -------
+    out : (..., Hq, n_q, d_v), or the tuple ``(out, weights?, lse?)`` with the requested extras
+        in that order. Fully masked query rows give ``out = 0`` and ``weights = 0``, and their
+        gradients are 0.
+    """
+    pb = prepare(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        causal_alignment=causal_alignment,
+        scale=scale,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+        return_weights=return_weights,
+        implementation=implementation,
+        block_size=block_size,
+        memory_budget=memory_budget,
+    )
+    kernel = tiled if pb.implementation == "tiled" else materialized
+    o, weights, lse, residuals = kernel.forward(pb, want_weights=return_weights)
+    return pb.result(o, weights, lse, return_lse=return_lse), residuals
+
+
+def _sdpa_bwd(
+    residuals: Any,
+    cotangent: Any,
+    /,
+    *,
+    return_weights: bool = False,
+    return_lse: bool = False,
+) -> tuple[Array, Array, Array]:
+    r"""VJP of scaled dot-product attention.
+
+    With :math:`\tilde P = P \circ M / (1-p)` the dropped weights and upstream cotangents
+    :math:`dO` (and optionally :math:`dP^{ext}` for the returned weights, :math:`d\ell` for the
+    LSE):
+
+    .. math::
+
+        dV &= \tilde P^\top dO, \qquad
+        dP = (dO\,V^\top) \circ M/(1-p) \;(+\, dP^{ext}), \\
+        dS_{ij} &= P_{ij}\,\bigl(dP_{ij} - \Delta_i\bigr) + d\ell_i P_{ij}, \qquad
+        \Delta_i = \textstyle\sum_j P_{ij} dP_{ij} = \sum_c dO_{ic} O_{ic}
+        \;(+\,\sum_j P_{ij} dP^{ext}_{ij}), \\
+        dQ &= \mathrm{scale}\cdot dS\,K, \qquad dK = \mathrm{scale}\cdot dS^\top Q .
+
+    ``dS = P o (dP - Delta)`` is the softmax VJP row by row; ``d lse_i / d S_ij = P_ij``. With
+    GQA, the rows of a group are stacked as ``(g * n_q)`` rows against one K, so ``dK`` and
+    ``dV`` sum the group's contributions inside the GEMM. Masked entries have ``P = 0``, hence
+    ``dS = 0`` there, and a fully masked row contributes nothing.
+
+    The kernel was chosen by the forward, and its residuals compute these formulas
+    (:meth:`MaterializedResiduals.vjp <refattn.ops.sdpa.materialized.MaterializedResiduals.vjp>`
+    from the saved weights, :meth:`TiledResiduals.vjp <refattn.ops.sdpa.tiled.TiledResiduals.vjp>`
+    tile by tile, recomputing ``P = exp(S - lse)`` from the saved LSE).
+    """
+    pb = residuals.pb
+    d_o, d_p, d_l = pb.cotangents(cotangent, return_weights=return_weights, return_lse=return_lse)
+    return pb.gradients(*residuals.vjp(d_o, d_p, d_l))
+
+
+scaled_dot_product_attention = Op(
+    _sdpa_fwd, _sdpa_bwd, name="scaled_dot_product_attention", register=True
+)

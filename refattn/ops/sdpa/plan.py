@@ -1,0 +1,245 @@
+r"""Tile plans for the tiled kernels: structured masks as index rules, and the work they leave.
+
+Integer logic only, no arrays: a :class:`Pattern` says which (query, key) pairs a structured
+mask keeps, :func:`plan_tiles` cuts a call into blocks and lists, per query block, the key
+tiles that hold any visible pair (each marked full or partial). The kernels in
+:mod:`refattn.ops.sdpa.tiled` skip every other tile; :func:`refattn.ops.sdpa.scores.pattern_keep`
+builds a partial tile's boolean mask when it is computed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import itertools
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_BLOCK",
+    "EMPTY",
+    "FULL",
+    "PARTIAL",
+    "Heads",
+    "Pattern",
+    "Plan",
+    "causal_pattern",
+    "plan_tiles",
+]
+
+#: default query and key block size (rows and columns of a tile)
+DEFAULT_BLOCK = 512
+#: largest tile (all heads of a unit) in bytes; units take as many heads as fit
+TILE_BYTES = 2 * 2**20
+#: calls whose scores take fewer bytes than this run serially (threads would cost more)
+SERIAL_BYTES = 2**20
+
+#: what :meth:`Pattern.tile_state` says of a tile
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Pattern:
+    r"""A structured keep-mask, evaluated from indices (never materialized).
+
+    Query ``i`` may attend key ``j`` iff
+
+    .. math::
+
+        (j - i \le \mathrm{causal}) \wedge \bigl(\mathrm{band}(i, j) \vee i < G \vee j < G\bigr),
+        \qquad \mathrm{band}(i, j) = (i - j \le \mathrm{left}) \wedge (j - i \le \mathrm{right}),
+
+    where a ``None`` bound is absent and ``G = n_global``.
+
+    * causal SDPA: ``Pattern(causal=0)`` (upper-left) or ``causal=n_k - n_q`` (lower-right),
+      :func:`causal_pattern`;
+    * sliding window ``w``: ``Pattern(left=w, right=w, n_global=G)``, causal:
+      ``Pattern(causal=0, left=w, n_global=G)``.
+    """
+
+    causal: int | None = None
+    left: int | None = None
+    right: int | None = None
+    n_global: int = 0
+
+    def tile_state(self, r0: int, r1: int, c0: int, c1: int) -> int:
+        """Whether rows ``r0:r1`` x keys ``c0:c1`` are all hidden, all visible, or mixed."""
+        causal_full = True
+        if self.causal is not None:
+            if c0 - (r1 - 1) > self.causal:  # the smallest j - i is already too large
+                return EMPTY
+            causal_full = (c1 - 1) - r0 <= self.causal
+        left, right, g = self.left, self.right, self.n_global
+        band_empty = (left is not None and r0 - (c1 - 1) > left) or (
+            right is not None and c0 - (r1 - 1) > right
+        )
+        band_full = (left is None or (r1 - 1) - c0 <= left) and (
+            right is None or (c1 - 1) - r0 <= right
+        )
+        global_full = r1 <= g or c1 <= g
+        global_empty = r0 >= g and c0 >= g
+        if band_empty and global_empty:
+            return EMPTY
+        if (band_full or global_full) and causal_full:
+            return FULL
+        return PARTIAL
+
+    def key_ranges(self, r0: int, r1: int, n_k: int) -> list[tuple[int, int]]:
+        """Key intervals that may hold visible keys for rows ``r0:r1`` (a superset)."""
+        hi = n_k if self.causal is None else max(0, min(n_k, r1 + self.causal))
+        if r0 < self.n_global:
+            return [(0, hi)]
+        lo_band = 0 if self.left is None else max(0, r0 - self.left)
+        hi_band = hi if self.right is None else min(hi, r1 + self.right)
+        return [(0, min(self.n_global, hi)), (lo_band, hi_band)]
+
+
+@dataclass(frozen=True)
+class Heads:
+    """A chunk of heads: canonical axes ``b0:b1`` (batch) and ``h0:h1`` (kv heads)."""
+
+    b0: int
+    b1: int
+    h0: int
+    h1: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call is cut into work (shared by the calls of one shape: read-only).
+
+    Attributes
+    ----------
+    heads : tuple of :class:`Heads`
+    rows : tuple of ``(r0, r1)`` query blocks
+    visible : per query block, its non-empty key tiles ``(c0, c1, full)``
+    score_bytes : scores computed by one pass over all tiles, in bytes
+    """
+
+    heads: tuple[Heads, ...]
+    rows: tuple[tuple[int, int], ...]
+    visible: tuple[tuple[tuple[int, int, bool], ...], ...]
+    score_bytes: int = 0
+
+    @functools.cached_property
+    def units(self) -> tuple[tuple[Heads, int], ...]:
+        """Every (head chunk, row block), the most tiles first.
+
+        Taken from a shared queue by the threads, largest first (LPT scheduling), so that the
+        unequal units of a causal or banded pattern finish together.
+        """
+        order = sorted(range(len(self.rows)), key=lambda ri: -len(self.visible[ri]))
+        return tuple((hc, ri) for hc in self.heads for ri in order)
+
+    def work(self, n_lanes: int) -> list[tuple[Heads | None, list[tuple[Heads, int]]]]:
+        """Work items ``(chunk, units)`` for ``n_lanes`` threads.
+
+        With at least two head chunks per lane, an item is a whole head chunk (``chunk`` is its
+        :class:`Heads`): what depends on the heads only (augmented keys) is prepared once per
+        item, and items write disjoint heads of ``dK, dV``. Otherwise an item is one unit
+        (``chunk`` None), in :attr:`units` order.
+        """
+        units = self.units
+        if len(self.heads) >= 2 * n_lanes:
+            return [(hc, [u for u in units if u[0] is hc]) for hc in self.heads]
+        return [(None, [u]) for u in units]
+
+    @property
+    def n_tiles(self) -> int:
+        """Computed tiles per head chunk (for tests and benchmarks)."""
+        return sum(len(v) for v in self.visible)
+
+    @property
+    def small(self) -> bool:
+        """Too little work for threads to pay off: run the units serially."""
+        return self.score_bytes < SERIAL_BYTES
+
+
+def _edges(n: int, block: int, split: int) -> list[int]:
+    edges = set(range(0, n, block)) | {n}
+    if 0 < split < n:
+        edges.add(split)
+    return sorted(edges)
+
+
+@functools.lru_cache(maxsize=64)
+def plan_tiles(
+    b: int,
+    h_kv: int,
+    g: int,
+    n_q: int,
+    n_k: int,
+    elem_bytes: int,
+    pattern: Pattern | None,
+    blocks: tuple[int, int],
+    tile_bytes: int,
+) -> Plan:
+    """Blocks, head chunks and the visible tiles of a call (cached by shape: read-only).
+
+    Queries ``(b, h_kv, g, n_q, ·)`` against ``n_k`` keys, ``elem_bytes`` per score. Query and
+    key blocks are ``blocks = (block_q, block_k)``, with an extra edge at ``pattern.n_global``
+    so that global rows and columns form their own blocks. Heads are grouped so that a unit's
+    tile stays under ``tile_bytes`` (:data:`TILE_BYTES` by default, see
+    :func:`~refattn.ops.sdpa.tiled.make_plan`). Planning a causal call costs as much as a small
+    forward, hence the cache.
+    """
+    block_q, block_k = blocks
+    split = pattern.n_global if pattern is not None else 0
+    row_edges = _edges(n_q, block_q, split)
+    col_edges = _edges(n_k, block_k, split)
+    rows = tuple(itertools.pairwise(row_edges))
+    cols = list(itertools.pairwise(col_edges))
+    visible = tuple(_visible_tiles(pattern, r0, r1, cols, col_edges, n_k) for r0, r1 in rows)
+    tile = max(1, g * min(block_q, max(n_q, 1)) * min(block_k, max(n_k, 1)) * elem_bytes)
+    heads = tuple(_head_chunks(b, h_kv, max(1, tile_bytes // tile)))
+    scores_per_head = sum(
+        (r1 - r0) * (c1 - c0)
+        for (r0, r1), tiles in zip(rows, visible, strict=True)
+        for c0, c1, _ in tiles
+    )
+    return Plan(heads, rows, visible, elem_bytes * b * h_kv * g * scores_per_head)
+
+
+def _visible_tiles(
+    pattern: Pattern | None,
+    r0: int,
+    r1: int,
+    cols: list[tuple[int, int]],
+    col_edges: list[int],
+    n_k: int,
+) -> tuple[tuple[int, int, bool], ...]:
+    if pattern is None:
+        return tuple((c0, c1, True) for c0, c1 in cols)
+    candidates: set[int] = set()
+    for lo, hi in pattern.key_ranges(r0, r1, n_k):
+        if hi <= lo:
+            continue
+        first = bisect.bisect_right(col_edges, lo) - 1
+        last = bisect.bisect_left(col_edges, hi)
+        candidates.update(range(max(first, 0), min(last, len(cols))))
+    tiles = []
+    for ci in sorted(candidates):
+        c0, c1 = cols[ci]
+        state = pattern.tile_state(r0, r1, c0, c1)
+        if state != EMPTY:
+            tiles.append((c0, c1, state == FULL))
+    return tuple(tiles)
+
+
+def _head_chunks(b: int, h_kv: int, per_unit: int) -> list[Heads]:
+    if per_unit >= b * h_kv:
+        return [Heads(0, b, 0, h_kv)]
+    if per_unit >= h_kv:
+        step = per_unit // h_kv
+        return [Heads(b0, min(b0 + step, b), 0, h_kv) for b0 in range(0, b, step)]
+    return [
+        Heads(b0, b0 + 1, h0, min(h0 + per_unit, h_kv))
+        for b0 in range(b)
+        for h0 in range(0, h_kv, per_unit)
+    ]
+
+
+def causal_pattern(is_causal: bool, alignment: str, n_q: int, n_k: int) -> Pattern | None:
+    """The :class:`Pattern` of SDPA's causal mask (None when not causal)."""
+    if not is_causal:
+        return None
+    return Pattern(causal=0 if alignment == "upper_left" else n_k - n_q)

@@ -1,0 +1,379 @@
+r"""One SDPA call, validated: every option checked in one place, in the canonical layout.
+
+:func:`prepare` turns the user's arguments into a :class:`Problem`: queries
+``(B, Hkv, g, n_q, d_k)`` where ``g = Hq // Hkv`` query heads share one kv head, keys and values
+``(B, Hkv, n_k, d)``, and every mask, bias and dropout multiplier reshaped to broadcast against
+``(B, Hkv, g, n_q, n_k)`` without being expanded. Query head ``h`` is ``(h // g, h % g)``,
+which is exactly "query head h uses kv head h // g": matmuls run on ``(B, Hkv, g * rows, ·)``,
+so a GQA group shares its K and V without copying them, and the group's gradients accumulate
+inside one GEMM.
+
+Both kernels (:mod:`~refattn.ops.sdpa.materialized`, :mod:`~refattn.ops.sdpa.tiled`) take a
+:class:`Problem` and nothing else; so do the sliding-window and linear-attention ops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..._backend import describe, floating_dtype, itemsize, namespace
+from ..masks import check_alignment
+from ..softmax import check_broadcast, check_mask
+from .plan import Pattern, causal_pattern
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "IMPLEMENTATIONS",
+    "Problem",
+    "check_block_size",
+    "choose_implementation",
+    "dropout_scale",
+    "prepare",
+]
+
+Array = Any
+
+
+@dataclass
+class Problem:
+    """A validated attention call in the canonical layout.
+
+    Attributes
+    ----------
+    q : (B, Hkv, g, n_q, d_k)
+    k : (B, Hkv, n_k, d_k)
+    v : (B, Hkv, n_k, d_v)
+    keep : bool, broadcastable to (B, Hkv, g, n_q, n_k), or None: the user's ``mask``
+    pattern : :class:`~refattn.ops.sdpa.plan.Pattern` or None
+        The structured part of the mask (causal), evaluated from indices tile by tile
+        (:func:`~refattn.ops.sdpa.scores.masked_scores`), never stored as an array;
+        :func:`~refattn.ops.sdpa.scores.full_keep` builds the whole mask for references.
+    bias : broadcastable to (B, Hkv, g, n_q, n_k), or None
+    drop : dropout multiplier ``mask / (1 - p)`` broadcastable like ``bias``, or None
+    scale : Python float
+    implementation : "materialized" or "tiled" ("auto" is resolved here)
+    block_size : (block_q, block_k) or None, for the tiled kernels
+    out_shape, lse_shape, weights_shape : shapes of the user-facing results
+    q_shape, k_shape, v_shape : the user's input shapes (for gradients)
+    """
+
+    xp: Any
+    q: Array
+    k: Array
+    v: Array
+    keep: Array | None
+    bias: Array | None
+    drop: Array | None
+    pattern: Pattern | None
+    scale: float
+    implementation: str
+    block_size: tuple[int, int] | None
+    q_shape: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    lse_shape: tuple[int, ...]
+    weights_shape: tuple[int, ...]
+
+    @property
+    def n_q(self) -> int:
+        return int(self.q.shape[3])
+
+    @property
+    def n_k(self) -> int:
+        return int(self.k.shape[2])
+
+    def result(
+        self, o: Array, weights: Array | None, lse: Array, *, return_lse: bool
+    ) -> Array | tuple[Array, ...]:
+        """The user-facing result from canonical ``O``, ``P`` (None if not requested), ``lse``:
+        ``out``, or ``(out, weights?, lse?)``."""
+        xp = self.xp
+        extras = []
+        if weights is not None:
+            extras.append(xp.reshape(weights, self.weights_shape))
+        if return_lse:
+            extras.append(xp.reshape(lse, self.lse_shape))
+        out = xp.reshape(o, self.out_shape)
+        return (out, *extras) if extras else out
+
+    def cotangents(
+        self, cotangent: Any, *, return_weights: bool, return_lse: bool
+    ) -> tuple[Array | None, Array | None, Array | None]:
+        """Split a cotangent into canonical ``(dO, dP, dlse)``, None for absent parts."""
+        xp = self.xp
+        cts = list(cotangent) if isinstance(cotangent, tuple) else [cotangent]
+        d_out = cts.pop(0)
+        d_w = cts.pop(0) if return_weights else None
+        d_lse = cts.pop(0) if return_lse else None
+        rows = tuple(self.q.shape[:4])
+        return (
+            None if d_out is None else xp.reshape(d_out, (*rows, self.v.shape[-1])),
+            None if d_w is None else xp.reshape(d_w, (*rows, self.n_k)),
+            None if d_lse is None else xp.reshape(d_lse, rows),
+        )
+
+    def gradients(self, d_q: Array, d_k: Array, d_v: Array) -> tuple[Array, Array, Array]:
+        """Canonical gradients back in the user's shapes."""
+        xp = self.xp
+        return (
+            xp.reshape(d_q, self.q_shape),
+            xp.reshape(d_k, self.k_shape),
+            xp.reshape(d_v, self.v_shape),
+        )
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def prepare(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    causal_alignment: str = "upper_left",
+    scale: float | None = None,
+    dropout_mask: Array | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    implementation: str = "materialized",
+    block_size: Any = None,
+    memory_budget: int | None = None,
+    op: str = "scaled_dot_product_attention",
+) -> Problem:
+    """Validate an attention call and put it in the canonical layout (no compute on scores).
+
+    Every SDPA option is checked here, and only here: the op, the layers, the KV cache and the
+    other kernels (sliding window, linear attention) all call this. A new score option is a
+    validated field of :class:`Problem` plus one line in
+    :func:`~refattn.ops.sdpa.scores.masked_scores` (and its derivative in the backwards).
+    """
+    xp = namespace(q, k, v, mask, bias, dropout_mask)
+    dtype = floating_dtype(xp, {"q": q, "k": k, "v": v})
+    if bias is not None:
+        floating_dtype(xp, {"q": q, "bias": bias})
+    name = f"{op}:"
+    if q.ndim < 2 or q.ndim != k.ndim or q.ndim != v.ndim:
+        raise ValueError(
+            f"refattn.{op}: q, k and v must have the same number of dimensions (at least 2: "
+            f"(..., H, n, d) or (n, d)), got q {describe(q)}, k {describe(k)}, v {describe(v)}"
+        )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"refattn.{op}: k's last dimension (d_k) must equal q's, got q {tuple(q.shape)} and "
+            f"k {tuple(k.shape)}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"refattn.{op}: k and v must have the same number of keys (axis -2), got "
+            f"k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    two_d = q.ndim == 2
+    batch = tuple(q.shape[:-3])
+    if tuple(k.shape[:-3]) != batch or tuple(v.shape[:-3]) != batch:
+        raise ValueError(
+            f"refattn.{op}: q, k and v must share their batch dimensions (all axes before the "
+            f"head axis -3), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    h_q = 1 if two_d else int(q.shape[-3])
+    h_kv = 1 if two_d else int(k.shape[-3])
+    if not two_d and v.shape[-3] != h_kv:
+        raise ValueError(
+            f"refattn.{op}: k and v must have the same number of heads (axis -3), got "
+            f"k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if h_kv == 0 or h_q % h_kv:
+        raise ValueError(
+            f"refattn.{op}: the number of query heads ({h_q}) must be a multiple of the number "
+            f"of key/value heads ({h_kv}) for grouped-query attention"
+        )
+    g = h_q // h_kv
+    n_q, d_k = int(q.shape[-2]), int(q.shape[-1])
+    n_k, d_v = int(k.shape[-2]), int(v.shape[-1])
+    scores_shape = (*batch, h_q, n_q, n_k) if not two_d else (n_q, n_k)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"refattn.{op}: is_causal must be a bool, got {is_causal!r}")
+    check_alignment(causal_alignment)
+    scale = _check_scale(op, scale, d_k)
+    if mask is not None:
+        check_mask(xp, f"{name} mask", mask, scores_shape)
+    if bias is not None:
+        check_broadcast(f"{name} bias", bias, scores_shape)
+    drop = _dropout_multiplier(xp, op, dropout_mask, dropout_p, dtype, scores_shape)
+    blocks = check_block_size(block_size, op)
+    chosen = choose_implementation(
+        implementation,
+        n_scores=math.prod(q.shape[:-1]) * n_k,
+        elem_bytes=itemsize(xp, dtype),
+        return_weights=return_weights,
+        memory_budget=memory_budget,
+    )
+
+    b_flat = math.prod(batch)
+    canon = _Canonicalizer(batch, h_q, h_kv, two_d, xp)
+    return Problem(
+        xp=xp,
+        q=xp.reshape(q, (b_flat, h_kv, g, n_q, d_k)),
+        k=xp.reshape(k, (b_flat, h_kv, n_k, d_k)),
+        v=xp.reshape(v, (b_flat, h_kv, n_k, d_v)),
+        keep=canon(mask) if mask is not None else None,
+        bias=canon(bias) if bias is not None else None,
+        drop=canon(drop) if drop is not None else None,
+        pattern=causal_pattern(is_causal, causal_alignment, n_q, n_k),
+        scale=scale,
+        implementation=chosen,
+        block_size=blocks,
+        q_shape=tuple(q.shape),
+        k_shape=tuple(k.shape),
+        v_shape=tuple(v.shape),
+        out_shape=(*tuple(q.shape[:-1]), d_v),
+        lse_shape=tuple(q.shape[:-1]),
+        weights_shape=scores_shape,
+    )
+
+
+def _check_scale(op: str, scale: Any, d_k: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d_k) if d_k else 1.0
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"refattn.{op}: scale must be a real number, got {scale!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"refattn.{op}: scale must be finite, got {scale!r}")
+    return value  # a Python float: float32 inputs stay float32 under NumPy 2's promotion rules
+
+
+def dropout_scale(op: str, dropout_p: Any) -> float:
+    """``1 / (1 - dropout_p)`` after checking ``0 <= dropout_p < 1``."""
+    try:
+        p = float(dropout_p)
+    except (TypeError, ValueError):
+        raise TypeError(f"refattn.{op}: dropout_p must be a float, got {dropout_p!r}") from None
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"refattn.{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    return 1.0 / (1.0 - p)
+
+
+def _dropout_multiplier(
+    xp: Any,
+    op: str,
+    dropout_mask: Array | None,
+    dropout_p: float,
+    dtype: Any,
+    scores_shape: tuple[int, ...],
+) -> Array | None:
+    scale = dropout_scale(op, dropout_p)
+    p = float(dropout_p)
+    if dropout_mask is None:
+        if p > 0.0:
+            raise ValueError(
+                f"refattn.{op}: dropout_p={p} needs an explicit dropout_mask (True/1 = keep); "
+                "refattn ops draw no random numbers"
+            )
+        return None
+    check_broadcast(f"{op}: dropout_mask", dropout_mask, scores_shape)
+    if dropout_mask.dtype == xp.bool:
+        keep = xp.astype(dropout_mask, dtype)
+    elif xp.isdtype(dropout_mask.dtype, "real floating"):
+        keep = xp.astype(dropout_mask, dtype)
+    else:
+        raise TypeError(
+            f"refattn.{op}: dropout_mask must be boolean or floating (1 = keep), "
+            f"got {dropout_mask.dtype}"
+        )
+    return keep * scale
+
+
+class _Canonicalizer:
+    """Reshape an array broadcastable to ``(*batch, Hq, n_q, n_k)`` canonically.
+
+    The result has shape ``(B|1, Hkv|1, g|1, n_q|1, n_k|1)``.
+    """
+
+    def __init__(self, batch: tuple[int, ...], h_q: int, h_kv: int, two_d: bool, xp: Any) -> None:
+        self.batch, self.h_q, self.h_kv, self.two_d, self.xp = batch, h_q, h_kv, two_d, xp
+
+    def __call__(self, x: Array) -> Array:
+        xp = self.xp
+        full_ndim = 2 if self.two_d else len(self.batch) + 3
+        x = xp.reshape(x, (1,) * (full_ndim - x.ndim) + tuple(x.shape))
+        if self.two_d:
+            return xp.reshape(x, (1, 1, 1, *x.shape))
+        nb = len(self.batch)
+        lead = tuple(x.shape[:nb])
+        if any(s != 1 for s in lead):
+            x = xp.broadcast_to(x, (*self.batch, *x.shape[nb:]))
+            b = math.prod(self.batch)
+        else:
+            b = 1
+        heads, rows, cols = x.shape[nb:]
+        if heads == 1:
+            h = (1, 1)
+        else:
+            h = (self.h_kv, self.h_q // self.h_kv)
+        return xp.reshape(x, (b, *h, rows, cols))
+
+
+def check_block_size(block_size: Any, op: str) -> tuple[int, int] | None:
+    """Validate ``block_size``: None, a positive int, or a pair ``(block_q, block_k)``."""
+    if block_size is None:
+        return None
+    pair = block_size if isinstance(block_size, (tuple, list)) else (block_size, block_size)
+    ok = len(pair) == 2 and all(
+        isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in pair
+    )
+    if not ok:
+        raise ValueError(
+            f"refattn.{op}: block_size must be a positive int or a pair (block_q, block_k) of "
+            f"positive ints, got {block_size!r}"
+        )
+    return int(pair[0]), int(pair[1])
+
+
+IMPLEMENTATIONS = ("auto", "materialized", "tiled")
+#: bytes of scores ``implementation="auto"`` materializes before switching to "tiled". Small on
+#: purpose: past a few MiB of scores the tiled kernels (cache-sized tiles, no n x n store) are also
+#: the faster ones on the CPU (docs/efficient.md), so "auto" keeps the materialized path for
+#: small problems, where its single pass is cheapest.
+DEFAULT_MEMORY_BUDGET = 4 * 2**20
+
+
+def choose_implementation(
+    implementation: str,
+    *,
+    n_scores: int,
+    elem_bytes: int,
+    return_weights: bool = False,
+    memory_budget: int | None = None,
+) -> str:
+    """Validate the implementation options and resolve "auto" to "materialized" or "tiled".
+
+    "auto" is "tiled" when the call's ``n_scores`` scores (batch, heads and query rows times
+    keys) of ``elem_bytes`` each exceed ``memory_budget`` bytes (default
+    :data:`DEFAULT_MEMORY_BUDGET`), and "materialized" otherwise or when weights are requested.
+    """
+    op = "refattn.scaled_dot_product_attention"
+    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"{op}: implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))}, "
+            f"got {implementation!r}"
+        )
+    if memory_budget is None:
+        budget = DEFAULT_MEMORY_BUDGET
+    elif isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+        raise TypeError(f"{op}: memory_budget must be a number of bytes, got {memory_budget!r}")
+    elif not memory_budget >= 0:
+        raise ValueError(f"{op}: memory_budget must be >= 0 bytes, got {memory_budget!r}")
+    else:
+        budget = memory_budget
+    if implementation != "auto":
+        return implementation
+    if return_weights:
+        return "materialized"
+    return "tiled" if n_scores * elem_bytes > budget else "materialized"

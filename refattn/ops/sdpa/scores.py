@@ -1,0 +1,136 @@
+r"""The score pipeline that both SDPA kernels share: from ``scale Q Kᵀ`` to the masked logits.
+
+For one tile of a :class:`~refattn.ops.sdpa.problem.Problem` (query rows ``r0:r1``, keys
+``c0:c1``, a chunk of heads), :func:`masked_scores` takes the scaled scores straight out of the
+GEMM and applies, in this order,
+
+.. math::
+
+    S = \mathrm{scale}\; Q K^\top + B, \qquad
+    S_{ij} = -\infty \ \text{where}\ \neg(\mathrm{mask}_{ij} \wedge \mathrm{pattern}(i, j)),
+
+where ``B`` is the bias and ``pattern`` the structured (causal) mask evaluated from indices.
+The materialized kernel calls it once per row block (all keys), the tiled kernels once per
+tile, in base-2 units (``unit = log2 e``: the GEMM already folded it into the scores).
+
+A new score option is applied here, once, and its derivative is applied to ``dS`` where the
+two kernels form it (``_backward_block`` in :mod:`~refattn.ops.sdpa.materialized`,
+``_backward_unit`` in :mod:`~refattn.ops.sdpa.tiled`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from ..._backend import device_of
+from .plan import DEFAULT_BLOCK, Heads, Pattern
+from .problem import Problem
+
+__all__ = ["full_keep", "heads_of", "masked_scores", "pattern_keep", "tile"]
+
+Array = Any
+
+#: partial-tile masks up to this many entries are cached (the tiles along one diagonal share one)
+_CACHED_MASK_ENTRIES = DEFAULT_BLOCK * DEFAULT_BLOCK
+
+
+def heads_of(x: Array, hc: Heads | None) -> Array:
+    """Heads ``hc`` of a canonical ``(B|1, Hkv|1, ...)`` array (all heads when ``hc`` is None)."""
+    if hc is None:
+        return x
+    b = slice(None) if x.shape[0] == 1 else slice(hc.b0, hc.b1)
+    h = slice(None) if x.shape[1] == 1 else slice(hc.h0, hc.h1)
+    return x[b, h, ...]
+
+
+def tile(x: Array | None, hc: Heads | None, r0: int, r1: int, c0: int, c1: int) -> Array | None:
+    """Tile of a canonical broadcastable ``(B|1, Hkv|1, g|1, n_q|1, n_k|1)`` array.
+
+    Only the tile is sliced (a view): a broadcast mask or bias is never expanded.
+    """
+    if x is None:
+        return None
+    r = slice(None) if x.shape[3] == 1 else slice(r0, r1)
+    c = slice(None) if x.shape[4] == 1 else slice(c0, c1)
+    return heads_of(x, hc)[:, :, :, r, c]
+
+
+def masked_scores(
+    pb: Problem,
+    s: Array,
+    hc: Heads | None,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    *,
+    full: bool = False,
+    unit: float = 1.0,
+) -> Array:
+    """``s + unit * bias``, ``-inf`` where the mask or the pattern hides a pair.
+
+    ``s`` is ``unit * scale Q Kᵀ`` of the tile, ``(b, h, g, r1 - r0, c1 - c0)``; it is updated
+    in place where possible. ``full`` says the plan found the tile fully inside the pattern.
+    """
+    xp = pb.xp
+    bias = tile(pb.bias, hc, r0, r1, c0, c1)
+    if bias is not None:
+        s += bias if unit == 1.0 else bias * unit
+    keep = tile(pb.keep, hc, r0, r1, c0, c1)
+    if not full and pb.pattern is not None:
+        structured = pattern_keep(pb.pattern, xp, r0, r1, c0, c1, device_of(s))
+        keep = structured if keep is None else xp.logical_and(keep, structured)
+    if keep is not None:
+        s = xp.where(keep, s, -math.inf)
+    return s
+
+
+def pattern_keep(
+    pattern: Pattern, xp: Any, r0: int, r1: int, c0: int, c1: int, device: Any
+) -> Array:
+    """The ``(r1 - r0, c1 - c0)`` boolean keep-mask of one tile (read-only: it may be cached).
+
+    Without global tokens the mask depends on ``i - j`` only, so the tiles along one diagonal
+    (all causal diagonal tiles, say) share one cached mask.
+    """
+    if pattern.n_global == 0 and (r1 - r0) * (c1 - c0) <= _CACHED_MASK_ENTRIES:
+        return _relative_keep(pattern, xp, r1 - r0, c1 - c0, r0 - c0, device)
+    return _keep(pattern, xp, r0, r1, c0, c1, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _relative_keep(
+    pattern: Pattern, xp: Any, rows: int, cols: int, offset: int, device: Any
+) -> Array:
+    """:func:`pattern_keep` of a tile whose first row is ``offset`` past its first column."""
+    return _keep(pattern, xp, offset, offset + rows, 0, cols, device)
+
+
+def _keep(pattern: Pattern, xp: Any, r0: int, r1: int, c0: int, c1: int, device: Any) -> Array:
+    i = xp.arange(r0, r1, device=device)[:, None]
+    j = xp.arange(c0, c1, device=device)[None, :]
+    keep = xp.ones((r1 - r0, c1 - c0), dtype=xp.bool, device=device)
+    if pattern.left is not None:
+        keep = xp.logical_and(keep, i - j <= pattern.left)
+    if pattern.right is not None:
+        keep = xp.logical_and(keep, j - i <= pattern.right)
+    if pattern.n_global:
+        keep = xp.logical_or(keep, xp.logical_or(i < pattern.n_global, j < pattern.n_global))
+    if pattern.causal is not None:
+        keep = xp.logical_and(keep, j - i <= pattern.causal)
+    return keep
+
+
+def full_keep(pb: Problem) -> Array | None:
+    """The whole keep-mask ``mask AND pattern``, broadcastable canonically, or None.
+
+    It is ``n_q x n_k``: for reference implementations and tests, never for the kernels.
+    """
+    xp = pb.xp
+    if pb.pattern is None:
+        return pb.keep
+    structured = _keep(pb.pattern, xp, 0, pb.n_q, 0, pb.n_k, device_of(pb.q))
+    structured = xp.reshape(structured, (1, 1, 1, pb.n_q, pb.n_k))
+    return structured if pb.keep is None else xp.logical_and(pb.keep, structured)

@@ -20,7 +20,7 @@ from ..._backend import device_of, exp_inplace, is_numpy_namespace, itemsize
 from ..._runtime import n_threads, parallel_map
 from ..softmax import slice_max
 from .problem import Problem
-from .scores import masked_scores, tile
+from .scores import masked_scores_and_slope, tile
 
 __all__ = [
     "Block",
@@ -69,13 +69,15 @@ class Block:
     ``e = exp(S - shift)`` (0 where masked) is kept unnormalised with ``inv_l = 1 / rowsum(e)``
     (0 for a fully masked row), so that ``P = e * inv_l``. Normalising lazily saves one pass over
     the scores in the forward, and costs nothing in the backward: ``1/l`` is folded into the
-    ``(rows, d)`` operands of the GEMMs instead.
+    ``(rows, d)`` operands of the GEMMs instead. With a softcap, ``slope`` is its derivative at
+    each score, ``1 - tanh^2(s / softcap)`` (else None).
     """
 
     r0: int
     r1: int
     e: Array  # (B, Hkv, g, r, n_k)
     inv_l: Array  # (B, Hkv, g, r, 1)
+    slope: Array | None = None  # (B, Hkv, g, r, n_k)
 
     def weights(self) -> Array:
         return self.e * self.inv_l
@@ -96,7 +98,7 @@ def _forward_block(pb: Problem, r0: int, r1: int) -> tuple[Array, Block, Array]:
     q = pb.q[:, :, :, r0:r1, :]
     b, h, g, r, _ = q.shape
     s = _merge_group(xp, q * pb.scale) @ xp.matrix_transpose(pb.k)
-    s = masked_scores(pb, xp.reshape(s, (b, h, g, r, pb.n_k)), None, r0, r1, 0, pb.n_k)
+    s, slope = masked_scores_and_slope(pb, xp.reshape(s, (b, h, g, r, pb.n_k)), None, r0, r1)
     shift = slice_max(xp, s, axis=-1)
     shift = xp.where(xp.isfinite(shift), shift, xp.zeros_like(shift))
     s -= shift
@@ -109,7 +111,7 @@ def _forward_block(pb: Problem, r0: int, r1: int) -> tuple[Array, Block, Array]:
     drop = tile(pb.drop, None, r0, r1, 0, pb.n_k)
     e_drop = e if drop is None else e * drop
     o = xp.reshape(_merge_group(xp, e_drop) @ pb.v, (b, h, g, r, pb.v.shape[-1])) * inv_l
-    return o, Block(r0, r1, e, inv_l), lse
+    return o, Block(r0, r1, e, inv_l, slope), lse
 
 
 def forward_blocks(pb: Problem) -> tuple[Array, list[Block], Array]:
@@ -140,14 +142,13 @@ def _backward_block(
     d_o: Array | None,
     d_p: Array | None,
     d_lse: Array | None,
-    want_ds: bool,
-) -> tuple[Array, Array, Array, Array | None]:
-    """Rows ``r0:r1`` of the backward: ``(dQ rows, dK part, dV part, dS rows or None)``.
+) -> tuple[Array, Array, Array]:
+    """Rows ``r0:r1`` of the backward: ``(dQ rows, dK part, dV part)``.
 
     With ``t = e o (dP - c)``, where ``c`` collects the per-row terms (Delta, the weights
     cotangent's row sums, minus the LSE cotangent), ``dS = t / l`` and
     ``dQ = scale (t K) / l``, ``dK = scale t^T (Q / l)``: the division by ``l`` happens on
-    ``(rows, d)`` operands, never on the scores.
+    ``(rows, d)`` operands, never on the scores. A softcap multiplies ``t`` by its slope.
     """
     xp = pb.xp
     r0, r1 = blk.r0, blk.r1
@@ -178,15 +179,17 @@ def _backward_block(
         d_l = d_lse[:, :, :, r0:r1, None]
         row_c = -d_l if row_c is None else row_c - d_l
     if row_c is None:  # no cotangent at all
-        return xp.zeros_like(q), xp.zeros_like(pb.k), d_v, (xp.zeros_like(e) if want_ds else None)
+        return xp.zeros_like(q), xp.zeros_like(pb.k), d_v
     if t is None:
         t = xp.zeros_like(e)
     t -= row_c
     t *= e
+    if blk.slope is not None:
+        t *= blk.slope
     q_scaled = q * (inv_l * pb.scale)
     d_q = xp.reshape(_merge_group(xp, t) @ pb.k, q.shape) * (inv_l * pb.scale)
     d_k = xp.matrix_transpose(_merge_group(xp, t)) @ _merge_group(xp, q_scaled)
-    return d_q, d_k, d_v, (t * inv_l if want_ds else None)
+    return d_q, d_k, d_v
 
 
 def backward_blocks(
@@ -196,34 +199,31 @@ def backward_blocks(
     d_o: Array | None,
     d_p: Array | None,
     d_lse: Array | None,
-    *,
-    want_ds: bool = False,
-) -> tuple[Array, Array, Array, Array | None]:
-    """The whole backward from the forward's blocks: ``(dQ, dK, dV, dS or None)``, canonical.
+) -> tuple[Array, Array, Array]:
+    """The whole backward from the forward's blocks: ``(dQ, dK, dV)``, canonical.
 
     Each worker takes a contiguous run of blocks and accumulates its own dK and dV, so only one
     partial sum per worker is added at the end.
     """
     xp = pb.xp
     if not blocks:
-        return xp.zeros_like(pb.q), xp.zeros_like(pb.k), xp.zeros_like(pb.v), None
+        return xp.zeros_like(pb.q), xp.zeros_like(pb.k), xp.zeros_like(pb.v)
     n_workers = min(len(blocks), n_threads()) if is_numpy_namespace(xp) else 1
     per = math.ceil(len(blocks) / n_workers)
     runs = [blocks[i : i + per] for i in range(0, len(blocks), per)]
 
-    def work(run: list[Block]) -> tuple[list[Array], Array, Array, list[Array]]:
-        d_qs, d_ss = [], []
+    def work(run: list[Block]) -> tuple[list[Array], Array, Array]:
+        d_qs = []
         d_k = d_v = None
         for blk in run:
-            d_q_b, d_k_b, d_v_b, d_s_b = _backward_block(pb, blk, o, d_o, d_p, d_lse, want_ds)
+            d_q_b, d_k_b, d_v_b = _backward_block(pb, blk, o, d_o, d_p, d_lse)
             d_qs.append(d_q_b)
-            d_ss.append(d_s_b)
             if d_k is None:
                 d_k, d_v = d_k_b, d_v_b
             else:
                 d_k += d_k_b
                 d_v += d_v_b
-        return d_qs, d_k, d_v, d_ss
+        return d_qs, d_k, d_v
 
     parts = parallel_map(xp, work, runs)
     d_qs = [d for part in parts for d in part[0]]
@@ -232,11 +232,7 @@ def backward_blocks(
     for part in parts[1:]:
         d_k = d_k + part[1]
         d_v = d_v + part[2]
-    d_s = None
-    if want_ds:
-        d_ss = [d for part in parts for d in part[3]]
-        d_s = d_ss[0] if len(d_ss) == 1 else xp.concat(d_ss, axis=3)
-    return d_q, d_k, d_v, d_s
+    return d_q, d_k, d_v
 
 
 @dataclass
@@ -251,8 +247,7 @@ class MaterializedResiduals:
         self, d_o: Array | None, d_p: Array | None, d_lse: Array | None
     ) -> tuple[Array, Array, Array]:
         """Canonical ``(dQ, dK, dV)`` from canonical cotangents (see :func:`backward_blocks`)."""
-        d_q, d_k, d_v, _ = backward_blocks(self.pb, self.blocks, self.o, d_o, d_p, d_lse)
-        return d_q, d_k, d_v
+        return backward_blocks(self.pb, self.blocks, self.o, d_o, d_p, d_lse)
 
 
 def forward(pb: Problem, *, want_weights: bool) -> tuple[Array, Array | None, Array, Any]:

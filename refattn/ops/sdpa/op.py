@@ -2,7 +2,7 @@ r"""``scaled_dot_product_attention``: the public op, its forward and backward ma
 
 .. math::
 
-    S = \mathrm{scale}\cdot QK^\top + B,\qquad
+    S = \mathrm{cap}(\mathrm{scale}\cdot QK^\top) + B,\qquad
     P = \mathrm{softmax}_{\mathrm{kept}}(S),\qquad
     O = (P \circ M_{\mathrm{drop}} / (1 - p))\,V,\qquad
     \mathrm{lse}_i = \log \textstyle\sum_{j\,\mathrm{kept}} e^{S_{ij}} .
@@ -40,6 +40,7 @@ def _sdpa_fwd(
     is_causal: bool = False,
     causal_alignment: str = "upper_left",
     scale: float | None = None,
+    softcap: float | None = None,
     dropout_mask: Array | None = None,
     dropout_p: float = 0.0,
     return_weights: bool = False,
@@ -52,8 +53,9 @@ def _sdpa_fwd(
 
     .. math::
 
-        O = \bigl(\mathrm{softmax}(\mathrm{scale}\cdot QK^\top + \mathrm{bias},
-        \ \mathrm{mask}) \circ \mathrm{dropout\_mask} / (1 - p)\bigr) V
+        O = \bigl(\mathrm{softmax}(\mathrm{cap}(\mathrm{scale}\cdot QK^\top) + \mathrm{bias},
+        \ \mathrm{mask}) \circ \mathrm{dropout\_mask} / (1 - p)\bigr) V, \qquad
+        \mathrm{cap}(x) = c \tanh(x / c)
 
     Parameters
     ----------
@@ -75,6 +77,9 @@ def _sdpa_fwd(
         "lower_right" (FlashAttention): iff ``j <= i + n_k - n_q``.
     scale : float, optional
         Defaults to ``1 / sqrt(d_k)``.
+    softcap : float > 0, optional
+        Caps the scaled scores at ``±c`` smoothly, ``c tanh(x / c)``, before the bias and the
+        mask (Gemma 2; FlashAttention's ``softcap``, whose 0 means off, as None and 0 do here).
     dropout_mask : bool or float, broadcastable to (..., Hq, n_q, n_k)
         True/1 = keep. Kept weights are multiplied by ``1 / (1 - dropout_p)``. There is no RNG in
         refattn's ops: the caller draws the mask, so results are reproducible.
@@ -117,6 +122,7 @@ def _sdpa_fwd(
         is_causal=is_causal,
         causal_alignment=causal_alignment,
         scale=scale,
+        softcap=softcap,
         dropout_mask=dropout_mask,
         dropout_p=dropout_p,
         return_weights=return_weights,
@@ -152,7 +158,9 @@ def _sdpa_bwd(
         \;(+\,\sum_j P_{ij} dP^{ext}_{ij}), \\
         dQ &= \mathrm{scale}\cdot dS\,K, \qquad dK = \mathrm{scale}\cdot dS^\top Q .
 
-    ``dS = P o (dP - Delta)`` is the softmax VJP row by row; ``d lse_i / d S_ij = P_ij``. With
+    With a softcap, :math:`dQ` and :math:`dK` take :math:`dS \circ (1 - \tanh^2(x / c))`, the
+    cap's derivative at the scaled score :math:`x`. ``dS = P o (dP - Delta)`` is the softmax
+    VJP row by row; ``d lse_i / d S_ij = P_ij``. With
     GQA, the rows of a group are stacked as ``(g * n_q)`` rows against one K, so ``dK`` and
     ``dV`` sum the group's contributions inside the GEMM. Masked entries have ``P = 0``, hence
     ``dS = 0`` there, and a fully masked row contributes nothing.

@@ -53,6 +53,7 @@ class Problem:
     bias : broadcastable to (B, Hkv, g, n_q, n_k), or None
     drop : dropout multiplier ``mask / (1 - p)`` broadcastable like ``bias``, or None
     scale : Python float
+    softcap : Python float > 0, or None (no cap)
     implementation : "materialized" or "tiled" ("auto" is resolved here)
     block_size : (block_q, block_k) or None, for the tiled kernels
     out_shape, lse_shape, weights_shape : shapes of the user-facing results
@@ -68,6 +69,7 @@ class Problem:
     drop: Array | None
     pattern: Pattern | None
     scale: float
+    softcap: float | None
     implementation: str
     block_size: tuple[int, int] | None
     q_shape: tuple[int, ...]
@@ -138,6 +140,7 @@ def prepare(
     is_causal: bool = False,
     causal_alignment: str = "upper_left",
     scale: float | None = None,
+    softcap: float | None = None,
     dropout_mask: Array | None = None,
     dropout_p: float = 0.0,
     return_weights: bool = False,
@@ -200,6 +203,7 @@ def prepare(
         raise TypeError(f"refattn.{op}: is_causal must be a bool, got {is_causal!r}")
     check_alignment(causal_alignment)
     scale = _check_scale(op, scale, d_k)
+    softcap = _check_softcap(op, softcap)
     if mask is not None:
         check_mask(xp, f"{name} mask", mask, scores_shape)
     if bias is not None:
@@ -226,6 +230,7 @@ def prepare(
         drop=canon(drop) if drop is not None else None,
         pattern=causal_pattern(is_causal, causal_alignment, n_q, n_k),
         scale=scale,
+        softcap=softcap,
         implementation=chosen,
         block_size=blocks,
         q_shape=tuple(q.shape),
@@ -247,6 +252,24 @@ def _check_scale(op: str, scale: Any, d_k: int) -> float:
     if not math.isfinite(value):
         raise ValueError(f"refattn.{op}: scale must be finite, got {scale!r}")
     return value  # a Python float: float32 inputs stay float32 under NumPy 2's promotion rules
+
+
+def _check_softcap(op: str, softcap: Any) -> float | None:
+    """None or 0 (FlashAttention's "off") give None; otherwise a finite float > 0."""
+    if softcap is None:
+        return None
+    try:
+        value = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"refattn.{op}: softcap must be a real number, got {softcap!r}") from None
+    if value == 0.0:
+        return None
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(
+            f"refattn.{op}: softcap must be a finite number > 0 (0 or None: no cap), "
+            f"got {softcap!r}"
+        )
+    return value
 
 
 def dropout_scale(op: str, dropout_p: Any) -> float:

@@ -6,10 +6,13 @@ GEMM and applies, in this order,
 
 .. math::
 
-    S = \mathrm{scale}\; Q K^\top + B, \qquad
+    S = \mathrm{cap}\bigl(\mathrm{scale}\; Q K^\top\bigr) + B, \qquad
     S_{ij} = -\infty \ \text{where}\ \neg(\mathrm{mask}_{ij} \wedge \mathrm{pattern}(i, j)),
 
-where ``B`` is the bias and ``pattern`` the structured (causal) mask evaluated from indices.
+where :math:`\mathrm{cap}(x) = c \tanh(x / c)` is the softcap (Gemma 2, FlashAttention's
+``softcap``; the identity when off), ``B`` the bias and ``pattern`` the structured (causal) mask
+evaluated from indices. The order is FlashAttention's (``attention_ref``): cap, then bias, then
+mask.
 The materialized kernel calls it once per row block (all keys), the tiled kernels once per
 tile, in base-2 units (``unit = log2 e``: the GEMM already folded it into the scores).
 
@@ -28,7 +31,14 @@ from ..._backend import device_of
 from .plan import DEFAULT_BLOCK, Heads, Pattern
 from .problem import Problem
 
-__all__ = ["full_keep", "heads_of", "masked_scores", "pattern_keep", "tile"]
+__all__ = [
+    "full_keep",
+    "heads_of",
+    "masked_scores",
+    "masked_scores_and_slope",
+    "pattern_keep",
+    "tile",
+]
 
 Array = Any
 
@@ -63,18 +73,64 @@ def masked_scores(
     hc: Heads | None,
     r0: int,
     r1: int,
-    c0: int,
-    c1: int,
+    c0: int = 0,
+    c1: int | None = None,
     *,
     full: bool = False,
     unit: float = 1.0,
 ) -> Array:
-    """``s + unit * bias``, ``-inf`` where the mask or the pattern hides a pair.
+    """``cap(s) + unit * bias``, ``-inf`` where the mask or the pattern hides a pair.
 
-    ``s`` is ``unit * scale Q Kᵀ`` of the tile, ``(b, h, g, r1 - r0, c1 - c0)``; it is updated
-    in place where possible. ``full`` says the plan found the tile fully inside the pattern.
+    ``s`` is ``unit * scale Q Kᵀ`` of the tile (rows ``r0:r1``, keys ``c0:c1``, all keys by
+    default), ``(b, h, g, r, c)``; it is updated in place where possible. ``full`` says the plan
+    found the tile fully inside the pattern. In base-2 units (``unit = log2 e``) the cap is
+    ``unit c``: ``unit c tanh(x / c) = (unit c) tanh(unit x / (unit c))``.
     """
+    return _pipeline(pb, s, hc, r0, r1, c0, c1, full, unit, False)[0]
+
+
+def masked_scores_and_slope(
+    pb: Problem,
+    s: Array,
+    hc: Heads | None,
+    r0: int,
+    r1: int,
+    c0: int = 0,
+    c1: int | None = None,
+    *,
+    full: bool = False,
+    unit: float = 1.0,
+) -> tuple[Array, Array | None]:
+    """:func:`masked_scores` and the softcap's derivative ``1 - tanh^2`` (None without a cap).
+
+    The backwards multiply ``dS`` by the slope to reach ``scale Q Kᵀ``, whose gradient gives
+    ``dQ`` and ``dK``; the bias's gradient is ``dS`` itself.
+    """
+    return _pipeline(pb, s, hc, r0, r1, c0, c1, full, unit, True)
+
+
+def _pipeline(
+    pb: Problem,
+    s: Array,
+    hc: Heads | None,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int | None,
+    full: bool,
+    unit: float,
+    want_slope: bool,
+) -> tuple[Array, Array | None]:
     xp = pb.xp
+    c1 = pb.n_k if c1 is None else c1
+    slope = None
+    if pb.softcap is not None:
+        cap = pb.softcap * unit
+        t = xp.tanh(s / cap)
+        if want_slope:
+            slope = 1.0 - t * t
+        s = t
+        s *= cap
     bias = tile(pb.bias, hc, r0, r1, c0, c1)
     if bias is not None:
         s += bias if unit == 1.0 else bias * unit
@@ -84,7 +140,7 @@ def masked_scores(
         keep = structured if keep is None else xp.logical_and(keep, structured)
     if keep is not None:
         s = xp.where(keep, s, -math.inf)
-    return s
+    return s, slope
 
 
 def pattern_keep(

@@ -82,7 +82,7 @@ from ..._runtime import matmul_scratch, n_threads, parallel_map
 from . import plan as tile_plans
 from .plan import DEFAULT_BLOCK, Heads, Plan, plan_tiles
 from .problem import Problem
-from .scores import heads_of, masked_scores, tile
+from .scores import heads_of, masked_scores, masked_scores_and_slope, tile
 
 __all__ = ["TiledResiduals", "forward", "make_plan", "tiled_backward", "tiled_forward"]
 
@@ -167,8 +167,10 @@ def tiled_forward(
     key), and, only when ``want_weights``, ``P (B, Hkv, g, n_q, n_k)`` (before dropout),
     filled tile by tile from the final LSE.
 
-    Without bias, dropout or requested weights, the single-pass :func:`_bounded_forward` runs
-    first; the units it declines are computed by the online softmax (:func:`_forward_unit`).
+    Without bias, softcap, dropout or requested weights, the single-pass
+    :func:`_bounded_forward` runs first (it folds the row shift into the score GEMM, which a
+    cap or bias applied after the GEMM would break); the units it declines are computed by the
+    online softmax (:func:`_forward_unit`).
     """
     xp = pb.xp
     b, h_kv, g, n_q, _ = pb.q.shape
@@ -185,7 +187,7 @@ def tiled_forward(
     n_lanes = n_threads() if _is_threaded(xp) and not plan.small else 1
     items = plan.work(n_lanes)
     online = items
-    if pb.bias is None and pb.drop is None and not want_weights:
+    if pb.bias is None and pb.drop is None and pb.softcap is None and not want_weights:
         online = _bounded_forward(pb, plan, items, o, lse, serial=n_lanes == 1)
 
     def run(item: tuple[Heads | None, list[tuple[Heads, int]]]) -> None:
@@ -722,9 +724,25 @@ def _backward_unit(
     g = int(q.shape[2])
     lse_u = lse[rows][..., None]
     lse_safe = xp.where(xp.isfinite(lse_u), lse_u, xp.zeros_like(lse_u))
-    q_shifted = _merge(xp, _append_column(xp, q * pb.scale, -lse_safe))
+    capped = pb.softcap is not None
+    # with a softcap the LSE cannot ride in the GEMM (the cap comes first): subtracted per tile
+    q_shifted = _merge(
+        xp, _append_column(xp, q * pb.scale, 0.0 * lse_safe if capped else -lse_safe)
+    )
     q_scaled = q_shifted[..., :-1]
+    lse_2 = lse_safe * LOG2E
     k, k_aug = heads_of(pb.k, hc), keys.heads(keys.k, hc)
+
+    def weights(c0: int, c1: int, full: bool) -> tuple[Array, Array | None]:
+        """``P = exp(S - lse)`` of one tile and the softcap's slope there (None without)."""
+        if not capped:
+            s = _scores(pb, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full)
+            return exp2_inplace(xp, s), None
+        s = _split(xp, q_shifted @ xp.matrix_transpose(k_aug[:, :, c0:c1, :]), g)
+        s, slope = masked_scores_and_slope(pb, s, hc, r0, r1, c0, c1, full=full, unit=LOG2E)
+        s -= lse_2
+        return exp2_inplace(xp, s), slope
+
     # the per-row constant c = Delta - dlse (+ rowsum(P o dW)), computed before the tile loop
     c = xp.zeros_like(lse_u)
     if d_o is not None:
@@ -734,8 +752,7 @@ def _backward_unit(
     d_w_u = None if d_w is None else d_w[rows]
     if d_w_u is not None:
         for c0, c1, full in tiles:  # extra pass: rowsum(P o dW) needs the whole row
-            s = _scores(pb, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full)
-            c = c + xp.sum(exp2_inplace(xp, s) * d_w_u[..., c0:c1], axis=-1, keepdims=True)
+            c = c + xp.sum(weights(c0, c1, full)[0] * d_w_u[..., c0:c1], axis=-1, keepdims=True)
     d_o_m = d_o_shifted = None
     if d_o is not None:
         d_o_m = _merge(xp, d_o[rows])
@@ -743,7 +760,7 @@ def _backward_unit(
             d_o_shifted = _merge(xp, _append_column(xp, d_o[rows], -c))
     d_q = xp.zeros(tuple(q_scaled.shape), dtype=q.dtype, device=device_of(q))
     for c0, c1, full in tiles:
-        p = exp2_inplace(xp, _scores(pb, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full))
+        p, slope = weights(c0, c1, full)
         drop = tile(pb.drop, hc, r0, r1, c0, c1)
         if d_o_m is not None:
             p_drop = p if drop is None else p * drop
@@ -759,10 +776,11 @@ def _backward_unit(
             if d_w_u is not None:
                 d_p += d_w_u[..., c0:c1]
             d_p *= p  # d_p is this tile's own array: dS = P o (dP - c) in place
-            d_s = _merge(xp, d_p)
         else:
-            d_p = -c if d_w_u is None else d_w_u[..., c0:c1] - c
-            d_s = _merge(xp, p * d_p)
+            d_p = p * (-c if d_w_u is None else d_w_u[..., c0:c1] - c)
+        if slope is not None:
+            d_p *= slope
+        d_s = _merge(xp, d_p)
         d_q += d_s @ k[:, :, c0:c1, :]
         d_k[rows[0], rows[1], c0:c1, :] += xp.matrix_transpose(d_s) @ q_scaled
     return _split(xp, d_q, g) * pb.scale

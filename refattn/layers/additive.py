@@ -70,9 +70,9 @@ LUONG_METHODS = ("dot", "general", "concat")
 # ----------------------------------------------------------------------------- validation
 
 
-def _leaves(tree: Any) -> list[Any]:
+def array_leaves(tree: Any) -> list[Any]:
     if isinstance(tree, Mapping):
-        return [leaf for value in tree.values() for leaf in _leaves(value)]
+        return [leaf for value in tree.values() for leaf in array_leaves(value)]
     return [tree] if hasattr(tree, "shape") else []
 
 
@@ -92,7 +92,7 @@ def _check_inputs(op: str, xp: ModuleType, query: Any, keys: Any, mask: Any) -> 
     return batch, n, d_h, int(query.shape[1])
 
 
-def _check_keys(op: str, params: Any, allowed: tuple[str, ...], what: str) -> None:
+def check_param_keys(op: str, params: Any, allowed: tuple[str, ...], what: str) -> None:
     if not isinstance(params, Mapping):
         raise TypeError(f"refattn.{op}: params must be a dict, got {type(params).__name__}")
     extra = sorted(set(params) - set(allowed))
@@ -190,9 +190,9 @@ def _additive_attention_fwd(
     (context (batch, d_h), weights (batch, n))
     """
     op = "additive_attention"
-    xp = namespace(query, keys, mask, *_leaves(params))
+    xp = namespace(query, keys, mask, *array_leaves(params))
     _batch, _n, d_h, d_q = _check_inputs(op, xp, query, keys, mask)
-    _check_keys(op, params, ("W_h", "W_s", "v"), "additive attention")
+    check_param_keys(op, params, ("W_h", "W_s", "v"), "additive attention")
     dt = query.dtype
     _, d_attn = check_affine(
         op, xp, get_subtree(op, params, "W_h", ""), "W_h", d_in=d_h, d_out=None, dtype=dt
@@ -258,19 +258,19 @@ def _luong_params(
             f"refattn.{op}: method must be one of {list(LUONG_METHODS)}, got {method!r}"
         )
     if method == "dot":
-        _check_keys(op, params, (), "method='dot' (it has no parameters: pass {})")
+        check_param_keys(op, params, (), "method='dot' (it has no parameters: pass {})")
         if d_q != d_h:
             raise ValueError(
                 f"refattn.{op}: method='dot' needs d_q == d_h, got query of width {d_q} and "
                 f"keys of width {d_h}; use method='general' to map between them"
             )
     elif method == "general":
-        _check_keys(op, params, ("W",), "method='general'")
+        check_param_keys(op, params, ("W",), "method='general'")
         check_affine(
             op, xp, get_subtree(op, params, "W", ""), "W", d_in=d_q, d_out=d_h, dtype=dtype
         )
     else:
-        _check_keys(op, params, ("W", "v"), "method='concat'")
+        check_param_keys(op, params, ("W", "v"), "method='concat'")
         _, d_attn = check_affine(
             op, xp, get_subtree(op, params, "W", ""), "W", d_in=d_h + d_q, d_out=None, dtype=dtype
         )
@@ -314,7 +314,7 @@ def _multiplicative_attention_fwd(
     (context (batch, d_h), weights (batch, n))
     """
     op = "multiplicative_attention"
-    xp = namespace(query, keys, mask, *_leaves(params))
+    xp = namespace(query, keys, mask, *array_leaves(params))
     _batch, _n, d_h, d_q = _check_inputs(op, xp, query, keys, mask)
     _luong_params(op, xp, params, method, d_h, d_q, query.dtype)
     t = s_proj = None

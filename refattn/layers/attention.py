@@ -39,9 +39,9 @@ from ..ops.sdpa import scaled_dot_product_attention as _sdpa
 from ..ops.sdpa.problem import dropout_scale
 from ..ops.softmax import check_broadcast, check_mask
 from .basic import (
-    _leaves,
     affine_backward,
     affine_forward,
+    array_leaves,
     check_affine,
     check_input,
     check_size,
@@ -376,7 +376,7 @@ def _mha_fwd(
     -------
     y : (..., n_q, d_model), or ``(y, weights)``.
     """
-    xp = namespace(query, key, value, mask, bias, dropout_mask, *_leaves(params))
+    xp = namespace(query, key, value, mask, bias, dropout_mask, *array_leaves(params))
     check_mha_inputs(_OP, xp, query, key, value, ("query", "key", "value"))
     d_model = int(query.shape[-1])
     n_heads, n_kv_heads, head_dim = check_mha_params(

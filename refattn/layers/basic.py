@@ -224,7 +224,7 @@ def _linear_fwd(params: Params, x: Array, /) -> tuple[Array, Any]:
 
     The leading axes are flattened so the product is one ``(M, d_in) @ (d_in, d_out)`` GEMM.
     """
-    xp = namespace(x, *_leaves(params))
+    xp = namespace(x, *array_leaves(params))
     check_input("linear", xp, "x", x)
     check_affine("linear", xp, params, "", d_in=int(x.shape[-1]), d_out=None, dtype=x.dtype)
     return affine_forward(xp, params, x), (xp, params, x)
@@ -249,9 +249,10 @@ def _linear_bwd(residuals: Any, dy: Array, /) -> tuple[Params, Array]:
 linear = Op(_linear_fwd, _linear_bwd, name="linear", register=True)
 
 
-def _leaves(tree: Any) -> list[Any]:
+def array_leaves(tree: Any) -> list[Any]:
+    """The arrays of a parameter tree (nested mappings) in insertion order, other leaves skipped."""
     if isinstance(tree, Mapping):
-        return [leaf for v in tree.values() for leaf in _leaves(v)]
+        return [leaf for v in tree.values() for leaf in array_leaves(v)]
     return [tree] if hasattr(tree, "shape") else []
 
 
@@ -312,10 +313,10 @@ def _layer_norm_fwd(params: Params, x: Array, /, *, eps: float = 1e-5) -> tuple[
     -------
     y : (..., d)
     """
-    xp = namespace(x, *_leaves(params))
+    xp = namespace(x, *array_leaves(params))
     check_input("layer_norm", xp, "x", x)
     check_norm("layer_norm", xp, params, "", d=int(x.shape[-1]), dtype=x.dtype)
-    eps = _check_eps("layer_norm", eps)
+    eps = check_eps("layer_norm", eps)
     y, saved = layer_norm_forward(xp, params, x, eps)
     return y, (xp, params, saved)
 
@@ -348,7 +349,8 @@ def _layer_norm_bwd(residuals: Any, dy: Array, /) -> tuple[Params, Array]:
 layer_norm = Op(_layer_norm_fwd, _layer_norm_bwd, name="layer_norm", register=True)
 
 
-def _check_eps(op: str, eps: Any) -> float:
+def check_eps(op: str, eps: Any) -> float:
+    """``eps`` as a finite float >= 0 (a layer norm's epsilon), else a clear error."""
     try:
         value = float(eps)
     except (TypeError, ValueError):
@@ -653,7 +655,7 @@ def _feed_forward_fwd(
     -------
     y : (..., d_model)
     """
-    xp = namespace(x, dropout_mask, *_leaves(params))
+    xp = namespace(x, dropout_mask, *array_leaves(params))
     check_input("feed_forward", xp, "x", x)
     check_activation("feed_forward", activation)
     d_model = int(x.shape[-1])

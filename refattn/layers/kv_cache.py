@@ -23,9 +23,9 @@ from typing import Any
 from .._backend import default_namespace, describe, namespace
 from .attention import check_mha_params, mha_forward, project_kv
 from .basic import (
-    _check_eps,
-    _leaves,
+    array_leaves,
     check_activation,
+    check_eps,
     check_feed_forward,
     check_input,
     check_norm,
@@ -34,7 +34,7 @@ from .basic import (
     layer_norm_forward,
     resolve_dtype,
 )
-from .transformer import _check_keys, check_self_attn_params
+from .transformer import check_param_keys, check_self_attn_params
 
 __all__ = [
     "KVCache",
@@ -273,7 +273,7 @@ def multi_head_attention_cached(
     y : (*batch, t, d_model)
     """
     op = "multi_head_attention_cached"
-    xp = namespace(x, mask, *_leaves(params))
+    xp = namespace(x, mask, *array_leaves(params))
     check_input(op, xp, "x", x, min_ndim=2)
     d_model, t = int(x.shape[-1]), int(x.shape[-2])
     heads = check_mha_params(
@@ -335,16 +335,16 @@ def transformer_encoder_layer_cached(
     y : (*batch, t, d_model)
     """
     op = "transformer_encoder_layer_cached"
-    xp = namespace(x, *_leaves(params))
+    xp = namespace(x, *array_leaves(params))
     check_input(op, xp, "x", x, min_ndim=2)
-    _check_keys(op, params, ("self_attn", "norm1", "norm2", "linear1", "linear2"))
+    check_param_keys(op, params, ("self_attn", "norm1", "norm2", "linear1", "linear2"))
     d_model, t = int(x.shape[-1]), int(x.shape[-2])
     heads = check_self_attn_params(op, xp, params, d_model, n_heads, n_kv_heads, x.dtype)
     for key in ("norm1", "norm2"):
         check_norm(op, xp, params[key], key, d=d_model, dtype=x.dtype)
     check_feed_forward(op, xp, params, "", d_model=d_model, dtype=x.dtype)
     check_activation(op, activation)
-    eps = _check_eps(op, layer_norm_eps)
+    eps = check_eps(op, layer_norm_eps)
     _check_cache(
         op,
         xp,
@@ -410,9 +410,9 @@ def transformer_decoder_layer_cached(
     y : (*batch, t, d_model)
     """
     op = "transformer_decoder_layer_cached"
-    xp = namespace(x, memory, memory_mask, *_leaves(params))
+    xp = namespace(x, memory, memory_mask, *array_leaves(params))
     check_input(op, xp, "x", x, min_ndim=2)
-    _check_keys(
+    check_param_keys(
         op, params, ("self_attn", "cross_attn", "norm1", "norm2", "norm3", "linear1", "linear2")
     )
     d_model, t = int(x.shape[-1]), int(x.shape[-2])
@@ -450,7 +450,7 @@ def transformer_decoder_layer_cached(
         check_norm(op, xp, params[key], key, d=d_model, dtype=dtype)
     check_feed_forward(op, xp, params, "", d_model=d_model, dtype=dtype)
     check_activation(op, activation)
-    eps = _check_eps(op, layer_norm_eps)
+    eps = check_eps(op, layer_norm_eps)
     _check_cache(
         op,
         xp,

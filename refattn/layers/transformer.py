@@ -36,9 +36,9 @@ from .attention import (
     mha_params,
 )
 from .basic import (
-    _check_eps,
-    _leaves,
+    array_leaves,
     check_activation,
+    check_eps,
     check_feed_forward,
     check_input,
     check_multiplier,
@@ -74,7 +74,8 @@ DECODER_DROPOUT_KEYS = ("self_attn", "cross_attn", "dropout1", "dropout2", "drop
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_keys(op: str, params: Any, required: tuple[str, ...]) -> None:
+def check_param_keys(op: str, params: Any, required: tuple[str, ...]) -> None:
+    """``params`` is a dict with exactly the ``required`` keys, else a clear error."""
     if not isinstance(params, dict):
         raise TypeError(f"refattn.{op}: params must be a dict, got {type(params).__name__}")
     missing = [k for k in required if k not in params]
@@ -225,9 +226,9 @@ def _encoder_fwd(
     y : (..., n, d_model)
     """
     op = "transformer_encoder_layer"
-    xp = namespace(x, mask, bias, *_leaves(params), *_leaves(dropout_masks or {}))
+    xp = namespace(x, mask, bias, *array_leaves(params), *array_leaves(dropout_masks or {}))
     check_input(op, xp, "x", x, min_ndim=2)
-    _check_keys(op, params, ("self_attn", "norm1", "norm2", "linear1", "linear2"))
+    check_param_keys(op, params, ("self_attn", "norm1", "norm2", "linear1", "linear2"))
     d_model, n = int(x.shape[-1]), int(x.shape[-2])
     dtype = x.dtype
     heads = check_self_attn_params(op, xp, params, d_model, n_heads, n_kv_heads, dtype)
@@ -235,7 +236,7 @@ def _encoder_fwd(
         check_norm(op, xp, params[key], key, d=d_model, dtype=dtype)
     d_ff = check_feed_forward(op, xp, params, "", d_model=d_model, dtype=dtype)
     check_activation(op, activation)
-    eps = _check_eps(op, layer_norm_eps)
+    eps = check_eps(op, layer_norm_eps)
     if not isinstance(norm_first, bool):
         raise TypeError(f"refattn.{op}: norm_first must be a bool, got {norm_first!r}")
     lead = tuple(x.shape[:-2])
@@ -450,11 +451,11 @@ def _decoder_fwd(
         memory_mask,
         self_bias,
         memory_bias,
-        *_leaves(params),
-        *_leaves(dropout_masks or {}),
+        *array_leaves(params),
+        *array_leaves(dropout_masks or {}),
     )
     check_mha_inputs(op, xp, x, memory, memory, ("x", "memory", "memory"))
-    _check_keys(
+    check_param_keys(
         op, params, ("self_attn", "cross_attn", "norm1", "norm2", "norm3", "linear1", "linear2")
     )
     d_model, n_t, n_m = int(x.shape[-1]), int(x.shape[-2]), int(memory.shape[-2])
@@ -476,7 +477,7 @@ def _decoder_fwd(
         check_norm(op, xp, params[key], key, d=d_model, dtype=dtype)
     d_ff = check_feed_forward(op, xp, params, "", d_model=d_model, dtype=dtype)
     check_activation(op, activation)
-    eps = _check_eps(op, layer_norm_eps)
+    eps = check_eps(op, layer_norm_eps)
     if not isinstance(norm_first, bool):
         raise TypeError(f"refattn.{op}: norm_first must be a bool, got {norm_first!r}")
     lead = tuple(x.shape[:-2])

@@ -117,3 +117,26 @@ def test_bad_softcap_is_rejected(bad):
         sdpa(q, k, v, softcap=bad)
     with pytest.raises(TypeError, match="softcap"):
         sdpa(q, k, v, softcap="big")
+
+
+def test_multi_head_attention_passes_the_cap_to_its_core():
+    rng = np.random.default_rng(6)
+    params = refattn.init_multi_head_attention(8, 2, seed=1)
+    x = 4.0 * rng.standard_normal((2, 5, 8))
+
+    def heads(name):  # (2, 5, 8) -> (2, 2, 5, 4), with plain matmuls
+        y = x @ params[name]["weight"] + params[name]["bias"]
+        return y.reshape(2, 5, 2, 4).transpose(0, 2, 1, 3)
+
+    o = sdpa(heads("query"), heads("key"), heads("value"), softcap=1.5, is_causal=True)
+    o = o.transpose(0, 2, 1, 3).reshape(2, 5, 8)
+    expected = o @ params["out"]["weight"] + params["out"]["bias"]
+    y = refattn.multi_head_attention(params, x, x, x, n_heads=2, softcap=1.5, is_causal=True)
+    assert rel_err(y, expected) <= 1e-13
+    assert rel_err(y, refattn.multi_head_attention(params, x, x, x, n_heads=2)) > 1e-3
+    x1 = x[:1, :3]
+    assert refattn.gradcheck(
+        refattn.multi_head_attention, params, x1, x1, x1, n_heads=2, softcap=1.5
+    )
+    with pytest.raises(ValueError, match="multi_head_attention: softcap"):
+        refattn.multi_head_attention(params, x, x, x, n_heads=2, softcap=-1.0)

@@ -34,10 +34,8 @@ from typing import Any
 
 from .._backend import default_namespace, namespace
 from .._op import Op
-from ..ops.masks import check_alignment
 from ..ops.sdpa import scaled_dot_product_attention as _sdpa
-from ..ops.sdpa.problem import dropout_scale
-from ..ops.softmax import check_broadcast, check_mask
+from ..ops.sdpa.problem import check_score_options
 from .basic import (
     affine_backward,
     affine_forward,
@@ -142,41 +140,6 @@ def check_mha_inputs(
         )
 
 
-def check_attention_options(
-    op: str,
-    xp: ModuleType,
-    scores_shape: tuple[int, ...],
-    *,
-    mask: Array | None,
-    bias: Array | None,
-    is_causal: Any,
-    causal_alignment: Any,
-    dropout_mask: Array | None,
-    dropout_p: Any,
-    dtype: Any,
-    mask_name: str = "mask",
-) -> None:
-    """Check masks, bias and dropout against ``(..., H, n_q, n_k)`` before any work is done."""
-    label = f"{op}: "
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"refattn.{op}: is_causal must be a bool, got {is_causal!r}")
-    check_alignment(causal_alignment)
-    if mask is not None:
-        check_mask(xp, f"{label}{mask_name}", mask, scores_shape)
-    if bias is not None:
-        check_broadcast(f"{label}bias", bias, scores_shape)
-        if bias.dtype != dtype:
-            raise TypeError(f"refattn.{label}bias must have the inputs' dtype {dtype}")
-    dropout_scale(op, dropout_p)
-    if dropout_mask is not None:
-        check_broadcast(f"{label}dropout_mask", dropout_mask, scores_shape)
-    elif float(dropout_p) > 0.0:
-        raise ValueError(
-            f"refattn.{op}: dropout_p={dropout_p} needs an explicit dropout_mask (True/1 = keep); "
-            "refattn ops draw no random numbers"
-        )
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -233,20 +196,18 @@ def mha_forward(
     n_heads: int,
     n_kv_heads: int,
     head_dim: int,
-    mask: Array | None = None,
-    bias: Array | None = None,
-    is_causal: bool = False,
-    causal_alignment: str = "upper_left",
-    dropout_mask: Array | None = None,
-    dropout_p: float = 0.0,
     need_weights: bool = False,
     projected_kv: tuple[Array, Array] | None = None,
+    **sdpa_options: Any,
 ) -> tuple[Array, Array | None, MHASaved]:
     """``(y, weights or None, saved)``, no parameter validation.
 
     ``weights`` is ``(..., H, n_q, n_k)`` when ``need_weights``. ``projected_kv`` (used by the
     KV cache) supplies already projected heads ``(*lead, H_kv, n_k, hd)`` instead of projecting
     ``key`` and ``value``; the result is then not differentiable through them.
+    ``sdpa_options`` go to :func:`refattn.scaled_dot_product_attention` as they are (masks,
+    bias, causal, softcap, dropout: whatever the attention core takes), so a new SDPA option
+    needs no change here.
     """
     lead = tuple(query.shape[:-2])
     qh = split_heads(xp, affine_forward(xp, params["query"], query), n_heads, head_dim)
@@ -254,15 +215,7 @@ def mha_forward(
         kh, vh = project_kv(xp, params, key, value, n_kv_heads, head_dim)
     else:
         kh, vh = projected_kv
-    options = {
-        "mask": mask,
-        "bias": bias,
-        "is_causal": is_causal,
-        "causal_alignment": causal_alignment,
-        "dropout_mask": dropout_mask,
-        "dropout_p": dropout_p,
-        "return_weights": need_weights,
-    }
+    options = {**sdpa_options, "return_weights": need_weights}
     result, sdpa_saved = _sdpa.forward(qh, kh, vh, **options)
     o, weights = result if need_weights else (result, None)
     o_merged = merge_heads(xp, o, lead)  # (*lead, H, n_q, hd) -> (*lead, n_q, H * hd)
@@ -328,6 +281,8 @@ def _mha_fwd(
     bias: Array | None = None,
     is_causal: bool = False,
     causal_alignment: str = "upper_left",
+    window: int | tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
     dropout_mask: Array | None = None,
     dropout_p: float = 0.0,
     return_weights: bool = False,
@@ -365,6 +320,10 @@ def _mha_fwd(
     is_causal : bool
         Mask keys after the query (``causal_alignment`` as in
         :func:`refattn.scaled_dot_product_attention`, default "upper_left" like torch).
+    window : int or (left, right), optional
+        Local attention window, as in :func:`refattn.scaled_dot_product_attention`.
+    softcap : float > 0, optional
+        ``c tanh(s / c)`` on the scaled scores, as in :func:`refattn.scaled_dot_product_attention`.
     dropout_mask : bool or float, broadcastable to (..., n_heads, n_q, n_k), optional
         Dropout on the attention weights, True/1 = keep, scaled by ``1/(1-dropout_p)``.
     dropout_p : float in [0, 1)
@@ -392,18 +351,17 @@ def _mha_fwd(
         dtype=query.dtype,
     )
     scores_shape = (*query.shape[:-2], n_heads, int(query.shape[-2]), int(key.shape[-2]))
-    check_attention_options(
-        _OP,
-        xp,
-        scores_shape,
-        mask=mask,
-        bias=bias,
-        is_causal=is_causal,
-        causal_alignment=causal_alignment,
-        dropout_mask=dropout_mask,
-        dropout_p=dropout_p,
-        dtype=query.dtype,
-    )
+    score_options = {
+        "mask": mask,
+        "bias": bias,
+        "is_causal": is_causal,
+        "causal_alignment": causal_alignment,
+        "window": window,
+        "softcap": softcap,
+        "dropout_mask": dropout_mask,
+        "dropout_p": dropout_p,
+    }
+    check_score_options(_OP, xp, scores_shape, query.dtype, **score_options)
     y, weights, saved = mha_forward(
         xp,
         params,
@@ -413,13 +371,8 @@ def _mha_fwd(
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        mask=mask,
-        bias=bias,
-        is_causal=is_causal,
-        causal_alignment=causal_alignment,
-        dropout_mask=dropout_mask,
-        dropout_p=dropout_p,
         need_weights=return_weights,
+        **score_options,
     )
     return ((y, weights) if return_weights else y), saved
 

@@ -27,8 +27,8 @@ from typing import Any
 
 from .._backend import default_namespace, namespace
 from .._op import Op
+from ..ops.sdpa.problem import check_score_options
 from .attention import (
-    check_attention_options,
     check_mha_inputs,
     check_mha_params,
     mha_backward,
@@ -241,17 +241,17 @@ def _encoder_fwd(
         raise TypeError(f"refattn.{op}: norm_first must be a bool, got {norm_first!r}")
     lead = tuple(x.shape[:-2])
     scores = (*lead, heads[0], n, n)
-    check_attention_options(
+    check_score_options(
         op,
         xp,
         scores,
+        dtype,
         mask=mask,
         bias=bias,
         is_causal=is_causal,
         causal_alignment="upper_left",
         dropout_mask=None,
         dropout_p=0.0,
-        dtype=dtype,
     )
     drops = _dropout_multipliers(
         op,
@@ -487,17 +487,17 @@ def _decoder_fwd(
         ("self_mask", self_mask, self_bias, self_scores, is_causal),
         ("memory_mask", memory_mask, memory_bias, cross_scores, False),
     ):
-        check_attention_options(
+        check_score_options(
             op,
             xp,
             shape,
+            dtype,
             mask=m,
             bias=b,
             is_causal=causal,
             causal_alignment="upper_left",
             dropout_mask=None,
             dropout_p=0.0,
-            dtype=dtype,
             mask_name=name,
         )
     drops = _dropout_multipliers(

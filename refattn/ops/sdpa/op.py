@@ -39,6 +39,7 @@ def _sdpa_fwd(
     bias: Array | None = None,
     is_causal: bool = False,
     causal_alignment: str = "upper_left",
+    window: int | tuple[int | None, int | None] | None = None,
     scale: float | None = None,
     softcap: float | None = None,
     dropout_mask: Array | None = None,
@@ -74,7 +75,15 @@ def _sdpa_fwd(
         Also mask keys after the query, aligned by ``causal_alignment``.
     causal_alignment : {"upper_left", "lower_right"}
         "upper_left" (torch and JAX): key ``j`` is visible to query ``i`` iff ``j <= i``.
-        "lower_right" (FlashAttention): iff ``j <= i + n_k - n_q``.
+        "lower_right" (FlashAttention): iff ``j <= i + n_k - n_q``. The local ``window`` is
+        aligned on the same diagonal.
+    window : int or (left, right), optional
+        Local attention: query ``i`` sees keys ``i + o - left <= j <= i + o + right`` with the
+        diagonal offset ``o`` of ``causal_alignment`` (0, or ``n_k - n_q``); ``None`` on a side
+        is unbounded, an int ``w`` is ``(w, w)``. Upper-left is ``jax.nn.dot_product_attention``'s
+        ``local_window_size``; lower-right is FlashAttention's ``window_size`` (whose ``-1`` is
+        ``None`` here). Combined with ``is_causal`` by AND. The tiled kernel skips every tile
+        outside the band.
     scale : float, optional
         Defaults to ``1 / sqrt(d_k)``.
     softcap : float > 0, optional
@@ -121,6 +130,7 @@ def _sdpa_fwd(
         bias=bias,
         is_causal=is_causal,
         causal_alignment=causal_alignment,
+        window=window,
         scale=scale,
         softcap=softcap,
         dropout_mask=dropout_mask,

@@ -238,8 +238,26 @@ def _head_chunks(b: int, h_kv: int, per_unit: int) -> list[Heads]:
     ]
 
 
-def causal_pattern(is_causal: bool, alignment: str, n_q: int, n_k: int) -> Pattern | None:
-    """The :class:`Pattern` of SDPA's causal mask (None when not causal)."""
-    if not is_causal:
+def causal_pattern(
+    is_causal: bool,
+    alignment: str,
+    n_q: int,
+    n_k: int,
+    window: tuple[int | None, int | None] | None = None,
+) -> Pattern | None:
+    """The :class:`Pattern` of SDPA's causal mask and local window (None when neither is set).
+
+    Both are aligned on the diagonal ``j = i + o``, with ``o = 0`` ("upper_left") or
+    ``o = n_k - n_q`` ("lower_right"). The window ``(left, right)`` keeps keys
+    ``i + o - left <= j <= i + o + right`` (None: unbounded on that side), that is
+    ``i - j <= left - o`` and ``j - i <= right + o`` in :class:`Pattern`'s terms.
+    """
+    offset = 0 if alignment == "upper_left" else n_k - n_q
+    left, right = window if window is not None else (None, None)
+    if not is_causal and left is None and right is None:
         return None
-    return Pattern(causal=0 if alignment == "upper_left" else n_k - n_q)
+    return Pattern(
+        causal=offset if is_causal else None,
+        left=None if left is None else left - offset,
+        right=None if right is None else right + offset,
+    )

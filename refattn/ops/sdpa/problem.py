@@ -28,6 +28,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "Problem",
     "check_block_size",
+    "check_score_options",
     "choose_implementation",
     "dropout_scale",
     "prepare",
@@ -139,6 +140,7 @@ def prepare(
     bias: Array | None = None,
     is_causal: bool = False,
     causal_alignment: str = "upper_left",
+    window: Any = None,
     scale: float | None = None,
     softcap: float | None = None,
     dropout_mask: Array | None = None,
@@ -158,9 +160,6 @@ def prepare(
     """
     xp = namespace(q, k, v, mask, bias, dropout_mask)
     dtype = floating_dtype(xp, {"q": q, "k": k, "v": v})
-    if bias is not None:
-        floating_dtype(xp, {"q": q, "bias": bias})
-    name = f"{op}:"
     if q.ndim < 2 or q.ndim != k.ndim or q.ndim != v.ndim:
         raise ValueError(
             f"refattn.{op}: q, k and v must have the same number of dimensions (at least 2: "
@@ -199,16 +198,22 @@ def prepare(
     n_q, d_k = int(q.shape[-2]), int(q.shape[-1])
     n_k, d_v = int(k.shape[-2]), int(v.shape[-1])
     scores_shape = (*batch, h_q, n_q, n_k) if not two_d else (n_q, n_k)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"refattn.{op}: is_causal must be a bool, got {is_causal!r}")
-    check_alignment(causal_alignment)
     scale = _check_scale(op, scale, d_k)
-    softcap = _check_softcap(op, softcap)
-    if mask is not None:
-        check_mask(xp, f"{name} mask", mask, scores_shape)
-    if bias is not None:
-        check_broadcast(f"{name} bias", bias, scores_shape)
-    drop = _dropout_multiplier(xp, op, dropout_mask, dropout_p, dtype, scores_shape)
+    softcap, window = check_score_options(
+        op,
+        xp,
+        scores_shape,
+        dtype,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        causal_alignment=causal_alignment,
+        window=window,
+        softcap=softcap,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+    )
+    drop = _dropout_multiplier(xp, dropout_mask, dropout_p, dtype)
     blocks = check_block_size(block_size, op)
     chosen = choose_implementation(
         implementation,
@@ -228,7 +233,7 @@ def prepare(
         keep=canon(mask) if mask is not None else None,
         bias=canon(bias) if bias is not None else None,
         drop=canon(drop) if drop is not None else None,
-        pattern=causal_pattern(is_causal, causal_alignment, n_q, n_k),
+        pattern=causal_pattern(is_causal, causal_alignment, n_q, n_k, window),
         scale=scale,
         softcap=softcap,
         implementation=chosen,
@@ -240,6 +245,78 @@ def prepare(
         lse_shape=tuple(q.shape[:-1]),
         weights_shape=scores_shape,
     )
+
+
+def check_score_options(
+    op: str,
+    xp: Any,
+    scores_shape: tuple[int, ...],
+    dtype: Any,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: Any = False,
+    causal_alignment: Any = "upper_left",
+    window: Any = None,
+    softcap: Any = None,
+    dropout_mask: Array | None = None,
+    dropout_p: Any = 0.0,
+    mask_name: str = "mask",
+) -> tuple[float | None, tuple[int | None, int | None] | None]:
+    """Check the options that act on the scores against ``scores_shape``.
+
+    Returns the normalized ``(softcap, window)``: None or a float > 0, None or a pair.
+
+    The one validator of SDPA's score options: :func:`prepare` calls it, and so do the layers
+    (MHA, encoder and decoder layers, the KV cache) before any projection is computed, with
+    their own ``op`` name in the messages. ``scores_shape`` is ``(..., Hq, n_q, n_k)``; masks,
+    bias and dropout masks must broadcast to it, and the bias must have the inputs' ``dtype``.
+    """
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"refattn.{op}: is_causal must be a bool, got {is_causal!r}")
+    check_alignment(causal_alignment)
+    cap = _check_softcap(op, softcap)
+    window = _check_window(op, window)
+    if mask is not None:
+        check_mask(xp, f"{op}: {mask_name}", mask, scores_shape)
+    if bias is not None:
+        check_broadcast(f"{op}: bias", bias, scores_shape)
+        if bias.dtype != dtype:
+            raise TypeError(
+                f"refattn.{op}: bias must have the inputs' dtype {dtype}, got {bias.dtype}"
+            )
+    dropout_scale(op, dropout_p)
+    if dropout_mask is not None:
+        check_broadcast(f"{op}: dropout_mask", dropout_mask, scores_shape)
+        if dropout_mask.dtype != xp.bool and not xp.isdtype(dropout_mask.dtype, "real floating"):
+            raise TypeError(
+                f"refattn.{op}: dropout_mask must be boolean or floating (1 = keep), "
+                f"got {dropout_mask.dtype}"
+            )
+    elif float(dropout_p) > 0.0:
+        raise ValueError(
+            f"refattn.{op}: dropout_p={dropout_p} needs an explicit dropout_mask (True/1 = keep); "
+            "refattn ops draw no random numbers"
+        )
+    return cap, window
+
+
+def _check_window(op: str, window: Any) -> tuple[int | None, int | None] | None:
+    """None; an int ``w >= 0`` for ``(w, w)``; or a pair ``(left, right)`` of ints >= 0 or None."""
+    if window is None:
+        return None
+    pair = window if isinstance(window, (tuple, list)) else (window, window)
+
+    def ok(w: Any) -> bool:
+        return w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0)
+
+    if len(pair) != 2 or not all(ok(w) for w in pair):
+        raise ValueError(
+            f"refattn.{op}: window must be an int >= 0 or a pair (left, right) of ints >= 0 or "
+            f"None (unbounded), got {window!r}"
+        )
+    left, right = pair
+    return (None if left is None else int(left), None if right is None else int(right))
 
 
 def _check_scale(op: str, scale: Any, d_k: int) -> float:
@@ -284,33 +361,12 @@ def dropout_scale(op: str, dropout_p: Any) -> float:
 
 
 def _dropout_multiplier(
-    xp: Any,
-    op: str,
-    dropout_mask: Array | None,
-    dropout_p: float,
-    dtype: Any,
-    scores_shape: tuple[int, ...],
+    xp: Any, dropout_mask: Array | None, dropout_p: float, dtype: Any
 ) -> Array | None:
-    scale = dropout_scale(op, dropout_p)
-    p = float(dropout_p)
+    """``dropout_mask / (1 - p)`` in ``dtype`` (checked by :func:`check_score_options`)."""
     if dropout_mask is None:
-        if p > 0.0:
-            raise ValueError(
-                f"refattn.{op}: dropout_p={p} needs an explicit dropout_mask (True/1 = keep); "
-                "refattn ops draw no random numbers"
-            )
         return None
-    check_broadcast(f"{op}: dropout_mask", dropout_mask, scores_shape)
-    if dropout_mask.dtype == xp.bool:
-        keep = xp.astype(dropout_mask, dtype)
-    elif xp.isdtype(dropout_mask.dtype, "real floating"):
-        keep = xp.astype(dropout_mask, dtype)
-    else:
-        raise TypeError(
-            f"refattn.{op}: dropout_mask must be boolean or floating (1 = keep), "
-            f"got {dropout_mask.dtype}"
-        )
-    return keep * scale
+    return xp.astype(dropout_mask, dtype) * (1.0 / (1.0 - float(dropout_p)))
 
 
 class _Canonicalizer:

@@ -23,6 +23,7 @@ __all__ = [
     "Pattern",
     "Plan",
     "causal_pattern",
+    "default_block",
     "plan_tiles",
 ]
 
@@ -236,6 +237,21 @@ def _head_chunks(b: int, h_kv: int, per_unit: int) -> list[Heads]:
         for b0 in range(b)
         for h0 in range(0, h_kv, per_unit)
     ]
+
+
+def default_block(pattern: Pattern | None) -> int:
+    """The tiles' default size: :data:`DEFAULT_BLOCK`, or for a band half its width.
+
+    A band of width ``w`` (the keys one row may see: ``left + right + 1``, the causal bound
+    standing in for a missing ``right``) gets tiles of ``w / 2`` clipped to [64, 256], so that a
+    row block meets about three key tiles and few of their entries are masked.
+    """
+    if pattern is None or pattern.left is None:
+        return DEFAULT_BLOCK
+    right = pattern.right if pattern.right is not None else pattern.causal
+    if right is None:
+        return DEFAULT_BLOCK
+    return max(64, min(256, (pattern.left + right + 1) // 2))
 
 
 def causal_pattern(

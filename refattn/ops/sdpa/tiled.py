@@ -80,7 +80,7 @@ from typing import Any
 from ..._backend import LOG2E, all_true, device_of, exp2_inplace, is_numpy_namespace, itemsize
 from ..._runtime import matmul_scratch, n_threads, parallel_map
 from . import plan as tile_plans
-from .plan import DEFAULT_BLOCK, Heads, Plan, plan_tiles
+from .plan import Heads, Plan, default_block, plan_tiles
 from .problem import Problem
 from .scores import heads_of, masked_scores, masked_scores_and_slope, tile
 
@@ -95,9 +95,11 @@ _AUGMENT_ROWS = 2048
 
 
 def make_plan(pb: Problem, block_size: tuple[int, int] | None = None) -> Plan:
-    """The tile plan of ``pb`` under its pattern, blocks ``block_size`` (default 512 x 512)."""
+    """The tile plan of ``pb`` under its pattern, blocks ``block_size`` (default: ``pb``'s, else
+    :func:`~refattn.ops.sdpa.plan.default_block` of the pattern)."""
     b, h_kv, g = (int(s) for s in pb.q.shape[:3])
-    blocks = block_size or pb.block_size or (DEFAULT_BLOCK, DEFAULT_BLOCK)
+    block = default_block(pb.pattern)
+    blocks = block_size or pb.block_size or (block, block)
     elem_bytes = itemsize(pb.xp, pb.q.dtype)
     tile_bytes = tile_plans.TILE_BYTES
     return plan_tiles(b, h_kv, g, pb.n_q, pb.n_k, elem_bytes, pb.pattern, blocks, tile_bytes)

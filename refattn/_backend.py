@@ -77,10 +77,17 @@ def describe(x: Any) -> str:
 
 
 def check_floating(xp: ModuleType, name: str, x: Array) -> None:
-    """TypeError unless ``x`` has a real floating dtype."""
-    if not xp.isdtype(x.dtype, "real floating"):
+    """TypeError unless ``x`` is float32 or float64, the dtypes refattn computes in.
+
+    float16 and bfloat16 are rejected on purpose: a reference computed in them would carry their
+    rounding. Kernels in those dtypes are compared against refattn's float64 results with the
+    low-precision baselines of :mod:`refattn.testing` (inputs cast up first).
+    """
+    if x.dtype not in (xp.float32, xp.float64):
         raise TypeError(
-            f"refattn: {name} must have a real floating dtype (float32 or float64), got {x.dtype}"
+            f"refattn: {name} must have a real floating dtype, float32 or float64, got "
+            f"{x.dtype}; for float16 or bfloat16 kernels, cast the inputs up and compare with "
+            "refattn.testing's low-precision baselines"
         )
 
 

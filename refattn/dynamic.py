@@ -247,6 +247,103 @@ class _KeyRows:
 # --------------------------------------------------------------------------------------------
 
 
+class _Magnitudes:
+    r"""Host-side upper bounds on ``max_r |X[r, c]|`` per column of Q, K and V.
+
+    They make "an update whose result is not finite is rejected before any state changes"
+    cheap: an update is checked against the bounds it would leave (:meth:`grown`), never
+    against the device arrays. With :math:`\bar q_c, \bar k_c, \bar v_c` the bounds,
+
+    .. math::
+
+        |s_{ir}| = |\mathrm{scale}\, \textstyle\sum_c Q_{ic} K_{rc}|
+            \le |\mathrm{scale}| \sum_c \bar q_c \bar k_c = B_s ,
+
+    and :meth:`check` requires :math:`\max(B_s, B_s / |\mathrm{scale}|) \le \sqrt{\mathrm{max}}`
+    (``K Q^T`` is formed before it is scaled, and the state multiplies scores by deltas and
+    subtracts shifts from them, which then stays finite; softmax weights are exactly 0 or 1 long
+    before such scores), every :math:`\bar q_c,
+    \bar k_c \le \mathrm{max}`, and :math:`n_k e^{16} \max_c \bar v_c \le \mathrm{max}/2`
+    (the unnormalised sums ``AV``, whose weights the lazy shifts let grow to ``e^16``, stay
+    finite). A delta grows its column's bound by ``|delta|``; an appended row raises the bounds
+    to its own entries. Bounds only grow (removals keep them): they are upper bounds, so a
+    check can reject an update whose exact result would fit only when the bounds are within a
+    few factors of the dtype's range, far beyond what attention inputs hold.
+    """
+
+    def __init__(
+        self, q: list[float], k: list[float], v: list[float], scale: float, max_abs: float
+    ) -> None:
+        self.q, self.k, self.v = q, k, v
+        self.scale, self.max_abs = abs(scale), max_abs
+
+    @classmethod
+    def of(cls, xp: Any, Q: Array, K: Array, V: Array, scale: float, max_abs: float) -> _Magnitudes:
+        def col_max(x: Array) -> list[float]:
+            return [float(m) for m in _to_host(xp.max(xp.abs(x), axis=0)).tolist()]
+
+        return cls(col_max(Q), col_max(K), col_max(V), scale, max_abs)
+
+    @classmethod
+    def of_rows(cls, xp: Any, k: Array, v: Array) -> _Magnitudes:
+        """The magnitudes of one key row and one value row (``q`` unused)."""
+        host = [[abs(float(e)) for e in _to_host(x).tolist()] for x in (k, v)]
+        return cls([], host[0], host[1], 1.0, math.inf)
+
+    def copy(self) -> _Magnitudes:
+        return _Magnitudes(list(self.q), list(self.k), list(self.v), self.scale, self.max_abs)
+
+    def grown(
+        self,
+        *,
+        q: Any = (),
+        k: Any = (),
+        v: Any = (),
+        k_max: list[float] | None = None,
+        v_max: list[float] | None = None,
+    ) -> _Magnitudes:
+        """A copy with ``|delta|`` added for each ``(column, delta)``, or raised to rows."""
+        other = self.copy()
+        other.add(q=q, k=k, v=v)
+        other.raise_to(k=k_max, v=v_max)
+        return other
+
+    def add(self, *, q: Any = (), k: Any = (), v: Any = ()) -> None:
+        for bounds, pairs in ((self.q, q), (self.k, k), (self.v, v)):
+            for c, delta in pairs:
+                bounds[c] += abs(delta)
+
+    def raise_to(self, *, k: list[float] | None = None, v: list[float] | None = None) -> None:
+        for bounds, row in ((self.k, k), (self.v, v)):
+            if row is not None:
+                bounds[:] = [max(a, b) for a, b in zip(bounds, row, strict=True)]
+
+    def check(self, where: str, what: str, n_k: int) -> None:
+        """ValueError naming ``what`` if the bounds allow a non-finite state."""
+        limit = self.max_abs
+        worst = max(max(self.q), max(self.k))
+        if not worst <= limit:
+            raise ValueError(
+                f"{where}: {what} would make an entry of Q or K reach {worst:.3g}, beyond the "
+                f"state's dtype (|entries| <= {limit:.3g}); nothing was changed"
+            )
+        raw = math.fsum(a * b for a, b in zip(self.q, self.k, strict=True))
+        score = max(raw, self.scale * raw)
+        if not score <= math.sqrt(limit):
+            raise ValueError(
+                f"{where}: {what} would let the scores Q K^T or scale*Q K^T reach {score:.3g} "
+                f"(bound sum_c max|Q[:, c]| max|K[:, c]|, times |scale|), beyond "
+                f"{math.sqrt(limit):.3g}, the square root of the dtype's range that keeps the "
+                "state's products of scores and deltas finite; nothing was changed"
+            )
+        values = n_k * math.exp(_MULTIPLICATIVE_EXPONENT) * max(self.v)
+        if not values <= limit / 2.0:
+            raise ValueError(
+                f"{where}: {what} would let the values reach {max(self.v):.3g}, so that sums of "
+                f"{n_k} weighted values could overflow the state's dtype; nothing was changed"
+            )
+
+
 def _fancy_setitem(xp: Any) -> bool:
     return is_numpy_namespace(xp) or is_cupy_namespace(xp)
 
@@ -463,6 +560,8 @@ class DynamicAttention:
             raise ValueError(f"{where}: scale must be finite, got {scale!r}")
         self._threshold_fixed = self._check_count(where, "threshold", threshold)
         self._rebuild_every = self._check_count(where, "rebuild_every", rebuild_every)
+        bounds = _Magnitudes.of(xp, Qd, Kd, Vd, float(scale), float(xp.finfo(dtype).max))
+        bounds.check(where, "Q, K, V and scale", n_k)
 
         self._xp = xp
         self._dtype = dtype
@@ -488,7 +587,8 @@ class DynamicAttention:
         self._QT = xp.zeros((d, n_q), dtype=dtype, device=self._device)  # row-major Qᵀ
         self._QT[...] = self._Q.T
         # per-column bound on |Q| (host): bounds the exponents of multiplicative updates
-        self._qmax = [float(v) for v in _to_host(xp.max(xp.abs(self._Q), axis=0)).tolist()]
+        self._qmax = bounds.q  # the same list: kept current by update_query
+        self._bounds = bounds
         # per key row: bound on the relative error of its column of A, in units of u (host)
         self._key_err: dict[int, float] = {}
         self._K = xp.asarray(Kd, copy=True)  # buffers: rows [0, n_k) are live
@@ -567,6 +667,8 @@ class DynamicAttention:
         r = _index(where, "i", i, self._nk, f"K with {self._nk} rows")
         c = _index(where, "j", j, self._d, f"K with {self._d} columns")
         v = _scalar_delta(where, delta, self._max_abs)
+        self._bounds.grown(k=[(c, v)]).check(where, "delta", self._nk)
+        self._bounds.add(k=[(c, v)])
         self._pk.add(r, c, v)
         if self._k_cache is not None:
             self._k_cache.add(self._xp, self._K, r, c, v)
@@ -579,6 +681,8 @@ class DynamicAttention:
         r = _index(where, "i", i, self._nk, f"V with {self._nk} rows")
         c = _index(where, "j", j, self._d_v, f"V with {self._d_v} columns")
         v = _scalar_delta(where, delta, self._max_abs)
+        self._bounds.grown(v=[(c, v)]).check(where, "delta", self._nk)
+        self._bounds.add(v=[(c, v)])
         self._pv.add(r, c, v)
         self._stats["value_updates"] += 1
         self._after_updates(1, 0)
@@ -592,6 +696,8 @@ class DynamicAttention:
         r, c, v = self._batch(where, rows, cols, deltas, self._d, "K")
         if not r:
             return
+        self._bounds.grown(k=zip(c, v, strict=True)).check(where, "deltas", self._nk)
+        self._bounds.add(k=zip(c, v, strict=True))
         self._pk.extend(r, c, v)
         if self._k_cache is not None and len(r) <= 32:
             for row, col, val in zip(r, c, v, strict=True):
@@ -610,6 +716,8 @@ class DynamicAttention:
         r, c, v = self._batch(where, rows, cols, deltas, self._d_v, "V")
         if not r:
             return
+        self._bounds.grown(v=zip(c, v, strict=True)).check(where, "deltas", self._nk)
+        self._bounds.add(v=zip(c, v, strict=True))
         self._pv.extend(r, c, v)
         self._stats["value_updates"] += len(r)
         self._after_updates(len(r), 0)
@@ -620,9 +728,10 @@ class DynamicAttention:
         r = _index(where, "i", i, self._n_q, f"Q with {self._n_q} rows")
         c = _index(where, "j", j, self._d, f"Q with {self._d} columns")
         v = _scalar_delta(where, delta, self._max_abs)
+        self._bounds.grown(q=[(c, v)]).check(where, "delta", self._nk)
+        self._bounds.add(q=[(c, v)])
         self._Q[r, c] = self._Q[r, c] + v
         self._QT[c, r] = self._Q[r, c]
-        self._qmax[c] = max(self._qmax[c], abs(float(self._Q[r, c])))
         self._refresh_rows([r])
         self._stats["query_updates"] += 1
 
@@ -692,6 +801,9 @@ class DynamicAttention:
         where = "refattn.DynamicAttention.append"
         k = self._row_input(where, "k_row", k_row, self._d)
         v = self._row_input(where, "v_row", v_row, self._d_v)
+        rows = _Magnitudes.of_rows(self._xp, k, v)
+        self._bounds.grown(k_max=rows.k, v_max=rows.v).check(where, "k_row, v_row", self._nk + 1)
+        self._bounds.raise_to(k=rows.k, v=rows.v)
         xp, nk = self._xp, self._nk
         self._ensure_capacity(nk + 1)
         s = self._scale * (self._Q @ k)
@@ -785,15 +897,27 @@ class DynamicAttention:
         xp = self._xp
         x = _densify(x)
         if hasattr(x, "dtype"):
-            if _is_complex_or_bool(x.dtype) or not (
-                "float" in str(x.dtype) or "int" in str(x.dtype)
-            ):
-                raise TypeError(f"{where}: {name} must be real, got {describe(x)}")
-            if "float" in str(x.dtype) and str(x.dtype).split(".")[-1] != self._dtype_name:
+            if _is_complex_or_bool(x.dtype) or "float" not in str(x.dtype):
+                raise TypeError(
+                    f"{where}: {name} must be real floating ({self._dtype_name}), got {describe(x)}"
+                )
+            if str(x.dtype).split(".")[-1] != self._dtype_name:
                 raise TypeError(
                     f"{where}: {name} must have the state's dtype {self._dtype_name}, "
                     f"got {describe(x)}"
                 )
+        else:  # a list or a scalar sequence: its own dtype must be floating too
+            try:
+                kind = _to_host(x).dtype.kind
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{where}: {name} must be a real vector, got {x!r}") from exc
+            if kind in "biu":
+                raise TypeError(
+                    f"{where}: {name} must hold floating-point numbers, got a sequence of "
+                    f"{'bools' if kind == 'b' else 'integers'}"
+                )
+            if kind != "f":
+                raise TypeError(f"{where}: {name} must be a real vector, got {x!r}")
         try:
             arr = xp.asarray(x, dtype=self._dtype, device=self._device)
         except (TypeError, ValueError) as exc:
@@ -1272,7 +1396,8 @@ class DynamicAttention:
         other.__dict__.update(self.__dict__)
         for name in ("_Q", "_QT", "_K", "_V", "_At", "_AVt", "_D", "_c", "_drift"):
             setattr(other, name, xp.asarray(getattr(self, name), copy=True))
-        other._qmax = list(self._qmax)
+        other._bounds = self._bounds.copy()
+        other._qmax = other._bounds.q
         other._key_err = dict(self._key_err)
         other._pk = self._pk.copy()
         other._pv = self._pv.copy()

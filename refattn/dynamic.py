@@ -251,31 +251,57 @@ class _Magnitudes:
     r"""Host-side upper bounds on ``max_r |X[r, c]|`` per column of Q, K and V.
 
     They make "an update whose result is not finite is rejected before any state changes"
-    cheap: an update is checked against the bounds it would leave (:meth:`grown`), never
-    against the device arrays. With :math:`\bar q_c, \bar k_c, \bar v_c` the bounds,
+    cheap: an update is checked against the bounds it would leave (:meth:`admit`, ``O(1)`` per
+    delta), never against the device arrays. With :math:`\bar q_c, \bar k_c, \bar v_c` the
+    bounds,
 
     .. math::
 
-        |s_{ir}| = |\mathrm{scale}\, \textstyle\sum_c Q_{ic} K_{rc}|
-            \le |\mathrm{scale}| \sum_c \bar q_c \bar k_c = B_s ,
+        |(Q K^\top)_{ir}| = |\textstyle\sum_c Q_{ic} K_{rc}| \le \sum_c \bar q_c \bar k_c = B,
 
-    and :meth:`check` requires :math:`\max(B_s, B_s / |\mathrm{scale}|) \le \sqrt{\mathrm{max}}`
+    and the state is admitted when :math:`\max(1, |\mathrm{scale}|)\, B \le \sqrt{\mathrm{max}}`
     (``K Q^T`` is formed before it is scaled, and the state multiplies scores by deltas and
     subtracts shifts from them, which then stays finite; softmax weights are exactly 0 or 1 long
-    before such scores), every :math:`\bar q_c,
-    \bar k_c \le \mathrm{max}`, and :math:`n_k e^{16} \max_c \bar v_c \le \mathrm{max}/2`
-    (the unnormalised sums ``AV``, whose weights the lazy shifts let grow to ``e^16``, stay
-    finite). A delta grows its column's bound by ``|delta|``; an appended row raises the bounds
-    to its own entries. Bounds only grow (removals keep them): they are upper bounds, so a
-    check can reject an update whose exact result would fit only when the bounds are within a
-    few factors of the dtype's range, far beyond what attention inputs hold.
+    before such scores), every :math:`\bar q_c, \bar k_c \le \mathrm{max}`, and
+    :math:`n_k e^{16} \max_c \bar v_c \le \mathrm{max}/2` (the unnormalised sums ``AV``,
+    whose weights the lazy shifts let grow to ``e^16``, stay finite). A delta grows its column's
+    bound by ``|delta|`` (and ``B`` by ``|delta|`` times the other matrix's bound there); an
+    appended row raises the bounds to its entries. Bounds only grow (removals keep them): they
+    are upper bounds, so they can reject a state whose exact scores would fit only when the
+    bounds come within a few factors of ``sqrt(max)``, far beyond what attention inputs hold.
     """
 
     def __init__(
         self, q: list[float], k: list[float], v: list[float], scale: float, max_abs: float
     ) -> None:
         self.q, self.k, self.v = q, k, v
-        self.scale, self.max_abs = abs(scale), max_abs
+        self.scale_factor = max(1.0, abs(scale))
+        self.max_abs = max_abs
+        self.raw = math.fsum(a * b for a, b in zip(q, k, strict=True))
+        self.v_max = max(v)
+        #: the limits of :meth:`_check`, for the per-update fast paths
+        self.raw_limit = math.sqrt(max_abs) / self.scale_factor
+        self.v_limit = max_abs / (2.0 * math.exp(_MULTIPLICATIVE_EXPONENT))
+
+    def admit_key(self, where: str, n_k: int, c: int, delta: float) -> None:
+        """:meth:`admit` for one K delta in column ``c``: a few float operations when it fits."""
+        a = abs(delta)
+        raw = self.raw + a * self.q[c]
+        if raw <= self.raw_limit and self.k[c] + a <= self.max_abs:
+            self.k[c] += a
+            self.raw = raw
+        else:
+            self.admit(where, "delta", n_k, k=[(c, delta)])  # raises with the message
+
+    def admit_value(self, where: str, n_k: int, c: int, delta: float) -> None:
+        """:meth:`admit` for one V delta in column ``c``."""
+        bound = self.v[c] + abs(delta)
+        if bound * n_k <= self.v_limit:
+            self.v[c] = bound
+            if bound > self.v_max:
+                self.v_max = bound
+        else:
+            self.admit(where, "delta", n_k, v=[(c, delta)])
 
     @classmethod
     def of(cls, xp: Any, Q: Array, K: Array, V: Array, scale: float, max_abs: float) -> _Magnitudes:
@@ -284,62 +310,75 @@ class _Magnitudes:
 
         return cls(col_max(Q), col_max(K), col_max(V), scale, max_abs)
 
-    @classmethod
-    def of_rows(cls, xp: Any, k: Array, v: Array) -> _Magnitudes:
-        """The magnitudes of one key row and one value row (``q`` unused)."""
-        host = [[abs(float(e)) for e in _to_host(x).tolist()] for x in (k, v)]
-        return cls([], host[0], host[1], 1.0, math.inf)
-
     def copy(self) -> _Magnitudes:
-        return _Magnitudes(list(self.q), list(self.k), list(self.v), self.scale, self.max_abs)
-
-    def grown(
-        self,
-        *,
-        q: Any = (),
-        k: Any = (),
-        v: Any = (),
-        k_max: list[float] | None = None,
-        v_max: list[float] | None = None,
-    ) -> _Magnitudes:
-        """A copy with ``|delta|`` added for each ``(column, delta)``, or raised to rows."""
-        other = self.copy()
-        other.add(q=q, k=k, v=v)
-        other.raise_to(k=k_max, v=v_max)
+        other = object.__new__(_Magnitudes)
+        other.__dict__.update(self.__dict__)
+        other.q, other.k, other.v = list(self.q), list(self.k), list(self.v)
         return other
 
-    def add(self, *, q: Any = (), k: Any = (), v: Any = ()) -> None:
-        for bounds, pairs in ((self.q, q), (self.k, k), (self.v, v)):
-            for c, delta in pairs:
-                bounds[c] += abs(delta)
+    def admit(
+        self, where: str, what: str, n_k: int, *, q: Any = (), k: Any = (), v: Any = ()
+    ) -> None:
+        """Check the bounds that the ``(column, delta)`` pairs would leave; apply them if fine.
 
-    def raise_to(self, *, k: list[float] | None = None, v: list[float] | None = None) -> None:
-        for bounds, row in ((self.k, k), (self.v, v)):
-            if row is not None:
-                bounds[:] = [max(a, b) for a, b in zip(bounds, row, strict=True)]
+        Raises ValueError naming ``what`` (and changes nothing) otherwise.
+        """
+        grow: list[dict[int, float]] = [{}, {}, {}]
+        for add, pairs in zip(grow, (q, k, v), strict=True):
+            for c, delta in pairs:
+                add[c] = add.get(c, 0.0) + abs(delta)
+        dq, dk, dv = grow
+        raw = self.raw + math.fsum(
+            [a * (self.k[c] + dk.get(c, 0.0)) for c, a in dq.items()]
+            + [a * self.q[c] for c, a in dk.items()]
+        )
+        entry = max(
+            [self.q[c] + a for c, a in dq.items()] + [self.k[c] + a for c, a in dk.items()],
+            default=0.0,
+        )
+        v_max = max([self.v_max] + [self.v[c] + a for c, a in dv.items()])
+        self._check(where, what, n_k, entry, raw, v_max)
+        for bounds, add in zip((self.q, self.k, self.v), grow, strict=True):
+            for c, a in add.items():
+                bounds[c] += a
+        self.raw, self.v_max = raw, v_max
+
+    def admit_rows(self, where: str, what: str, n_k: int, k_row: Array, v_row: Array) -> None:
+        """:meth:`admit` for an appended key row and value row (``O(d + d_v)``)."""
+        k_abs = [abs(float(e)) for e in _to_host(k_row).tolist()]
+        v_abs = [abs(float(e)) for e in _to_host(v_row).tolist()]
+        k = [max(a, b) for a, b in zip(self.k, k_abs, strict=True)]
+        raw = math.fsum(a * b for a, b in zip(self.q, k, strict=True))
+        v_max = max(self.v_max, *v_abs)
+        self._check(where, what, n_k, max(k_abs), raw, v_max)
+        self.k = k
+        self.v = [max(a, b) for a, b in zip(self.v, v_abs, strict=True)]
+        self.raw, self.v_max = raw, v_max
 
     def check(self, where: str, what: str, n_k: int) -> None:
-        """ValueError naming ``what`` if the bounds allow a non-finite state."""
+        """ValueError naming ``what`` if the current bounds allow a non-finite state."""
+        self._check(where, what, n_k, max(max(self.q), max(self.k)), self.raw, self.v_max)
+
+    def _check(
+        self, where: str, what: str, n_k: int, entry: float, raw: float, v_max: float
+    ) -> None:
         limit = self.max_abs
-        worst = max(max(self.q), max(self.k))
-        if not worst <= limit:
+        if not entry <= limit:
             raise ValueError(
-                f"{where}: {what} would make an entry of Q or K reach {worst:.3g}, beyond the "
+                f"{where}: {what} would make an entry of Q or K reach {entry:.3g}, beyond the "
                 f"state's dtype (|entries| <= {limit:.3g}); nothing was changed"
             )
-        raw = math.fsum(a * b for a, b in zip(self.q, self.k, strict=True))
-        score = max(raw, self.scale * raw)
+        score = self.scale_factor * raw
         if not score <= math.sqrt(limit):
             raise ValueError(
                 f"{where}: {what} would let the scores Q K^T or scale*Q K^T reach {score:.3g} "
-                f"(bound sum_c max|Q[:, c]| max|K[:, c]|, times |scale|), beyond "
+                f"(bound sum_c max|Q[:, c]| max|K[:, c]|, times max(1, |scale|)), beyond "
                 f"{math.sqrt(limit):.3g}, the square root of the dtype's range that keeps the "
                 "state's products of scores and deltas finite; nothing was changed"
             )
-        values = n_k * math.exp(_MULTIPLICATIVE_EXPONENT) * max(self.v)
-        if not values <= limit / 2.0:
+        if not n_k * math.exp(_MULTIPLICATIVE_EXPONENT) * v_max <= limit / 2.0:
             raise ValueError(
-                f"{where}: {what} would let the values reach {max(self.v):.3g}, so that sums of "
+                f"{where}: {what} would let the values reach {v_max:.3g}, so that sums of "
                 f"{n_k} weighted values could overflow the state's dtype; nothing was changed"
             )
 
@@ -667,8 +706,7 @@ class DynamicAttention:
         r = _index(where, "i", i, self._nk, f"K with {self._nk} rows")
         c = _index(where, "j", j, self._d, f"K with {self._d} columns")
         v = _scalar_delta(where, delta, self._max_abs)
-        self._bounds.grown(k=[(c, v)]).check(where, "delta", self._nk)
-        self._bounds.add(k=[(c, v)])
+        self._bounds.admit_key(where, self._nk, c, v)
         self._pk.add(r, c, v)
         if self._k_cache is not None:
             self._k_cache.add(self._xp, self._K, r, c, v)
@@ -681,8 +719,7 @@ class DynamicAttention:
         r = _index(where, "i", i, self._nk, f"V with {self._nk} rows")
         c = _index(where, "j", j, self._d_v, f"V with {self._d_v} columns")
         v = _scalar_delta(where, delta, self._max_abs)
-        self._bounds.grown(v=[(c, v)]).check(where, "delta", self._nk)
-        self._bounds.add(v=[(c, v)])
+        self._bounds.admit_value(where, self._nk, c, v)
         self._pv.add(r, c, v)
         self._stats["value_updates"] += 1
         self._after_updates(1, 0)
@@ -696,8 +733,7 @@ class DynamicAttention:
         r, c, v = self._batch(where, rows, cols, deltas, self._d, "K")
         if not r:
             return
-        self._bounds.grown(k=zip(c, v, strict=True)).check(where, "deltas", self._nk)
-        self._bounds.add(k=zip(c, v, strict=True))
+        self._bounds.admit(where, "deltas", self._nk, k=zip(c, v, strict=True))
         self._pk.extend(r, c, v)
         if self._k_cache is not None and len(r) <= 32:
             for row, col, val in zip(r, c, v, strict=True):
@@ -716,8 +752,7 @@ class DynamicAttention:
         r, c, v = self._batch(where, rows, cols, deltas, self._d_v, "V")
         if not r:
             return
-        self._bounds.grown(v=zip(c, v, strict=True)).check(where, "deltas", self._nk)
-        self._bounds.add(v=zip(c, v, strict=True))
+        self._bounds.admit(where, "deltas", self._nk, v=zip(c, v, strict=True))
         self._pv.extend(r, c, v)
         self._stats["value_updates"] += len(r)
         self._after_updates(len(r), 0)
@@ -728,8 +763,7 @@ class DynamicAttention:
         r = _index(where, "i", i, self._n_q, f"Q with {self._n_q} rows")
         c = _index(where, "j", j, self._d, f"Q with {self._d} columns")
         v = _scalar_delta(where, delta, self._max_abs)
-        self._bounds.grown(q=[(c, v)]).check(where, "delta", self._nk)
-        self._bounds.add(q=[(c, v)])
+        self._bounds.admit(where, "delta", self._nk, q=[(c, v)])
         self._Q[r, c] = self._Q[r, c] + v
         self._QT[c, r] = self._Q[r, c]
         self._refresh_rows([r])
@@ -801,9 +835,7 @@ class DynamicAttention:
         where = "refattn.DynamicAttention.append"
         k = self._row_input(where, "k_row", k_row, self._d)
         v = self._row_input(where, "v_row", v_row, self._d_v)
-        rows = _Magnitudes.of_rows(self._xp, k, v)
-        self._bounds.grown(k_max=rows.k, v_max=rows.v).check(where, "k_row, v_row", self._nk + 1)
-        self._bounds.raise_to(k=rows.k, v=rows.v)
+        self._bounds.admit_rows(where, "k_row, v_row", self._nk + 1, k, v)
         xp, nk = self._xp, self._nk
         self._ensure_capacity(nk + 1)
         s = self._scale * (self._Q @ k)

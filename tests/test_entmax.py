@@ -153,7 +153,7 @@ def _mp_entmax(mpmath, x, alpha):
 # ----------------------------------------------------------------------------- masks
 
 
-@pytest.mark.parametrize("kind", ["sparsemax", 1.5, 1.3, 1.0, (1.6,)], ids=str)
+@pytest.mark.parametrize("kind", ["sparsemax", 1.5, 1.3, 1.0, (1.6,), (1.0,)], ids=str)
 def test_masked_entries_are_zero_and_match_the_kept_subvector(xp, kind):
     x = randn(xp, (4, 10), seed=5)
     keep = np.ones((4, 10), dtype=bool)

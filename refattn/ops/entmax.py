@@ -156,7 +156,7 @@ def _shifted(xp: Any, x: Array, keep: Array, axis: int) -> Array:
     return filled - xp.where(xp.isfinite(m), m, xp.zeros_like(m))
 
 
-def _sorted_prefix_sums(xp: Any, z: Array, keep: Array, axis: int):
+def _sorted_prefix_sums(xp: Any, z: Array, axis: int):
     """Sorted (descending) ``z`` with masked entries as 0, ``rho = 1..n``, and "k ≤ n_kept"."""
     zs = xp.sort(z, axis=axis, descending=True)
     valid = zs > -math.inf  # masked entries sort last
@@ -173,7 +173,7 @@ def _sparsemax_kernel(xp: Any, x: Array, keep: Array, axis: int) -> Array:
     """Sort-based sparsemax, ``z = x − max`` sorted descending: the support size is
     ``k = max{k : 1 + k z_(k) > Σ_{i≤k} z_(i)}`` and ``τ = (Σ_{i≤k} z_(i) − 1)/k``."""
     z = _shifted(xp, x, keep, axis)
-    zs, rho, valid = _sorted_prefix_sums(xp, z, keep, axis)
+    zs, rho, valid = _sorted_prefix_sums(xp, z, axis)
     cond = xp.logical_and(valid, 1.0 + rho * zs > xp.cumulative_sum(zs, axis=axis))
     k = xp.sum(xp.astype(cond, z.dtype), axis=axis, keepdims=True)
     prefix = rho <= k
@@ -190,7 +190,7 @@ def _entmax15_kernel(xp: Any, x: Array, keep: Array, axis: int) -> Array:
     of squares ``ss = Σ_S (z_j − mean)²``: ``τ = mean − sqrt((1 − ss)/k)``.
     """
     z = _shifted(xp, x, keep, axis) / 2.0
-    zs, rho, valid = _sorted_prefix_sums(xp, z, keep, axis)
+    zs, rho, valid = _sorted_prefix_sums(xp, z, axis)
     cs = xp.cumulative_sum(zs, axis=axis)
     mean = cs / rho
     ss = xp.cumulative_sum(zs * zs, axis=axis) - cs * mean
@@ -209,9 +209,12 @@ def _entmax15_kernel(xp: Any, x: Array, keep: Array, axis: int) -> Array:
 
 
 def _entmax_values(xp: Any, v: Array, eps: Array | float) -> Array:
-    """``[1 + ε v]_+^{1/ε}`` as ``exp(log1p(ε v)/ε)`` (``exp(v)`` where ε = 0); ``v ≤ 0``."""
+    """``[1 + ε v]_+^{1/ε}`` as ``exp(log1p(ε v)/ε)`` (``exp(v)`` where ε = 0); ``v ≤ 0``,
+    ``-inf`` at masked entries."""
+    finite = v > -math.inf
+    v = xp.where(finite, v, xp.zeros_like(v))  # no 0·(-inf) where ε = 0
     ev = eps * v
-    inside = ev > -1.0
+    inside = xp.logical_and(finite, ev > -1.0)
     safe_ev = xp.where(inside, ev, xp.zeros_like(ev))
     if isinstance(eps, float):
         log_p = v if eps == 0.0 else xp.log1p(safe_ev) / eps

@@ -494,6 +494,9 @@ def normalize_backward(res: NormalizerResiduals, dweights: Array) -> tuple[Array
     ``1_S`` for sparsemax, ``P^{2−α}`` on the support for entmax.
     """
     xp = namespace(res.weights)
+    if res.normalizer == "softmax":  # softmax's own backward (blocked on the thread pool)
+        (dx,) = softmax.backward((res.weights,), dweights, axis=res.axis)
+        return dx, None
     if not res.alpha_is_array:
         dx, _ = _entmax_vjp(xp, res.weights, dweights, res.alpha, res.axis, want_alpha=False)
         return dx, None

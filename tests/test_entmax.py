@@ -95,7 +95,7 @@ def test_sparsemax_zeros_are_exact_and_entries_below_threshold():
     # τ = (3 + 2.5 − 1)/2 = 2.25: p = (0.75, 0.25, 0, 0); a constant row is uniform
     np.testing.assert_array_equal(p[0], [0.75, 0.25, 0.0, 0.0])
     np.testing.assert_array_equal(p[1], [0.25] * 4)
-    # 1.5-entmax of (0, -inf...) style two-point input: z = (0, −1/2), τ solves
+    # 1.5-entmax of x = (1, 0): z = (x − max)/2 = (0, −1/2), both in the support, and τ solves
     # (−τ)² + (−1/2 − τ)² = 1 → τ = (−1/2 − sqrt(7/4))/2
     p15 = refattn.entmax(np.array([1.0, 0.0]), 1.5)
     tau = (-0.5 - math.sqrt(1.75)) / 2

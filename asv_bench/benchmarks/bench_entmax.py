@@ -2,7 +2,7 @@
 
 One (8, 512, 512) input, float64 and float32, three normalisers: sparsemax and 1.5-entmax
 (both sort-based in both libraries) and α = 1.3 (bisection: refattn halves until float rounding,
-about 65 times in float64 and 36 in float32; ``entmax_bisect`` runs its default 50). ``time_*``
+about 55 times in float64 and 26 in float32; ``entmax_bisect`` runs its default 50). ``time_*``
 time each implementation; ``EntmaxRatio.track_*`` report refattn time / package time sampled
 alternately in two worker processes (:func:`~.common.interleaved_ratio`), the figure to read.
 Benchmarks of the package raise NotImplementedError (skipped) where it is not installed.

@@ -11,6 +11,8 @@ import math
 import numpy as np
 import pytest
 from conftest import randn, rel_err, to_numpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import refattn
 from refattn.ops.entmax import normalize_backward, normalize_forward
@@ -340,6 +342,26 @@ def test_matches_entmax_package(kind, axis, masked):
     assert rel_err(out, y.detach().numpy()) <= 1e-12
     assert rel_err(dx, gx.numpy()) <= 1e-12
     assert np.array_equal(out == 0, y.detach().numpy() == 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 24),
+    scale=st.sampled_from([0.01, 1.0, 30.0, 1e3]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_ties_and_scales_match_entmax_package(n, scale, seed):
+    """Inputs on an integer grid (many ties, ties at the threshold) over six decades of scale."""
+    entmax_pkg, torch = _pkg()
+    x = np.random.default_rng(seed).integers(-3, 4, size=(4, n)) * scale
+    t = torch.from_numpy(x)
+    for mine, theirs in (
+        (refattn.sparsemax(x), entmax_pkg.sparsemax(t, dim=-1)),
+        (refattn.entmax(x, 1.5), entmax_pkg.entmax15(t, dim=-1)),
+        (refattn.entmax(x, 1.3), entmax_pkg.entmax_bisect(t, 1.3, dim=-1, n_iter=200)),
+    ):
+        np.testing.assert_allclose(mine.sum(-1), 1.0, rtol=0, atol=1e-14)
+        np.testing.assert_allclose(mine, theirs.numpy(), rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("alpha_shape", [(6, 1, 1), (1, 8, 1), ()], ids=str)

@@ -45,6 +45,7 @@ from .layers import (
 )
 from .ops import (
     causal_mask,
+    entmax,
     from_torch_mha_masks,
     linear_attention,
     log_softmax,
@@ -52,6 +53,7 @@ from .ops import (
     scaled_dot_product_attention,
     sliding_window_attention,
     softmax,
+    sparsemax,
 )
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "add_sinusoidal_positions",
     "additive_attention",
     "causal_mask",
+    "entmax",
     "feed_forward",
     "from_torch_mha_masks",
     "gelu",
@@ -94,6 +97,7 @@ __all__ = [
     "sinusoidal_positions",
     "sliding_window_attention",
     "softmax",
+    "sparsemax",
     "testing",
     "transformer_decoder_layer",
     "transformer_decoder_layer_cached",

@@ -1,5 +1,6 @@
 """Differentiable ops: each keeps its forward, its backward and its derivation together."""
 
+from .entmax import entmax, sparsemax
 from .linear_attention import linear_attention
 from .masks import causal_mask, from_torch_mha_masks, padding_mask
 from .sdpa import scaled_dot_product_attention
@@ -8,6 +9,7 @@ from .window import sliding_window_attention
 
 __all__ = [
     "causal_mask",
+    "entmax",
     "from_torch_mha_masks",
     "linear_attention",
     "log_softmax",
@@ -15,4 +17,5 @@ __all__ = [
     "scaled_dot_product_attention",
     "sliding_window_attention",
     "softmax",
+    "sparsemax",
 ]

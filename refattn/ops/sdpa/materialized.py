@@ -18,6 +18,7 @@ from typing import Any
 
 from ..._backend import device_of, exp_inplace, is_numpy_namespace, itemsize
 from ..._runtime import n_threads, parallel_map
+from ..entmax import normalize_backward, normalize_forward
 from ..softmax import slice_max
 from .problem import Problem
 from .scores import masked_scores_and_slope, tile
@@ -78,6 +79,7 @@ class Block:
     e: Array  # (B, Hkv, g, r, n_k)
     inv_l: Array  # (B, Hkv, g, r, 1)
     slope: Array | None = None  # (B, Hkv, g, r, n_k)
+    sparse: Any = None  # the normaliser's residuals (sparsemax, entmax), else None
 
     def weights(self) -> Array:
         return self.e * self.inv_l
@@ -99,6 +101,8 @@ def _forward_block(pb: Problem, r0: int, r1: int) -> tuple[Array, Block, Array]:
     b, h, g, r, _ = q.shape
     s = _merge_group(xp, q * pb.scale) @ xp.matrix_transpose(pb.k)
     s, slope = masked_scores_and_slope(pb, xp.reshape(s, (b, h, g, r, pb.n_k)), None, r0, r1)
+    if pb.normalizer != "softmax":
+        return _sparse_forward_block(pb, s, slope, r0, r1)
     shift = slice_max(xp, s, axis=-1)
     shift = xp.where(xp.isfinite(shift), shift, xp.zeros_like(shift))
     s -= shift
@@ -112,6 +116,21 @@ def _forward_block(pb: Problem, r0: int, r1: int) -> tuple[Array, Block, Array]:
     e_drop = e if drop is None else e * drop
     o = xp.reshape(_merge_group(xp, e_drop) @ pb.v, (b, h, g, r, pb.v.shape[-1])) * inv_l
     return o, Block(r0, r1, e, inv_l, slope), lse
+
+
+def _sparse_forward_block(
+    pb: Problem, s: Array, slope: Array | None, r0: int, r1: int
+) -> tuple[Array, Block, Array]:
+    """A row block with sparsemax or entmax weights (``e = P``, ``1/l = 1``, no LSE: NaN)."""
+    xp = pb.xp
+    p, sparse = normalize_forward(s, normalizer=pb.normalizer, alpha=pb.alpha)
+    drop = tile(pb.drop, None, r0, r1, 0, pb.n_k)
+    p_drop = p if drop is None else p * drop
+    b, h, g, r, _ = p.shape
+    o = xp.reshape(_merge_group(xp, p_drop) @ pb.v, (b, h, g, r, pb.v.shape[-1]))
+    ones = xp.ones((b, h, g, r, 1), dtype=p.dtype, device=device_of(p))
+    lse = xp.full((b, h, g, r), math.nan, dtype=p.dtype, device=device_of(p))
+    return o, Block(r0, r1, p, ones, slope, sparse), lse
 
 
 def forward_blocks(pb: Problem) -> tuple[Array, list[Block], Array]:
@@ -182,8 +201,11 @@ def _backward_block(
         return xp.zeros_like(q), xp.zeros_like(pb.k), d_v
     if t is None:
         t = xp.zeros_like(e)
-    t -= row_c
-    t *= e
+    if blk.sparse is not None:  # dS from the normaliser's own VJP (there is no LSE term)
+        t, _ = normalize_backward(blk.sparse, t)
+    else:
+        t -= row_c
+        t *= e
     if blk.slope is not None:
         t *= blk.slope
     q_scaled = q * (inv_l * pb.scale)

@@ -44,6 +44,8 @@ def _sdpa_fwd(
     softcap: float | None = None,
     dropout_mask: Array | None = None,
     dropout_p: float = 0.0,
+    normalizer: str = "softmax",
+    alpha: float | None = None,
     return_weights: bool = False,
     return_lse: bool = False,
     implementation: str = "auto",
@@ -93,6 +95,14 @@ def _sdpa_fwd(
         True/1 = keep. Kept weights are multiplied by ``1 / (1 - dropout_p)``. There is no RNG in
         refattn's ops: the caller draws the mask, so results are reproducible.
     dropout_p : float in [0, 1)
+    normalizer : {"softmax", "sparsemax", "entmax"}
+        What turns the scores into weights. "sparsemax" (Martins & Astudillo 2016) and
+        "entmax" (α-entmax, Peters et al. 2019; :func:`refattn.entmax`) give exact zeros; they
+        have no LSE (``return_lse`` is refused) and run on the materialized kernel. The backward
+        is :func:`refattn.ops.entmax.normalize_backward`'s in place of the softmax VJP.
+    alpha : float in [1, 2], optional
+        α of "entmax" (default 1.5); 1 is softmax, 2 sparsemax. Not differentiated here: a
+        learnable α composes :func:`refattn.entmax` with the GEMMs (see docs/entmax.md).
     return_weights : bool
         Also return the attention weights ``P`` (..., Hq, n_q, n_k), **before** dropout.
     return_lse : bool
@@ -135,7 +145,10 @@ def _sdpa_fwd(
         softcap=softcap,
         dropout_mask=dropout_mask,
         dropout_p=dropout_p,
+        normalizer=normalizer,
+        alpha=alpha,
         return_weights=return_weights,
+        return_lse=return_lse,
         implementation=implementation,
         block_size=block_size,
         memory_budget=memory_budget,

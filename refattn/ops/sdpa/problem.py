@@ -55,6 +55,8 @@ class Problem:
     drop : dropout multiplier ``mask / (1 - p)`` broadcastable like ``bias``, or None
     scale : Python float
     softcap : Python float > 0, or None (no cap)
+    normalizer : "softmax", "sparsemax" or "entmax" (the latter two: materialized only)
+    alpha : Python float in [1, 2] for "entmax", else None
     implementation : "materialized" or "tiled" ("auto" is resolved here)
     block_size : (block_q, block_k) or None, for the tiled kernels
     out_shape, lse_shape, weights_shape : shapes of the user-facing results
@@ -71,6 +73,8 @@ class Problem:
     pattern: Pattern | None
     scale: float
     softcap: float | None
+    normalizer: str
+    alpha: float | None
     implementation: str
     block_size: tuple[int, int] | None
     q_shape: tuple[int, ...]
@@ -145,7 +149,10 @@ def prepare(
     softcap: float | None = None,
     dropout_mask: Array | None = None,
     dropout_p: float = 0.0,
+    normalizer: str = "softmax",
+    alpha: float | None = None,
     return_weights: bool = False,
+    return_lse: bool = False,
     implementation: str = "materialized",
     block_size: Any = None,
     memory_budget: int | None = None,
@@ -215,11 +222,12 @@ def prepare(
     )
     drop = _dropout_multiplier(xp, dropout_mask, dropout_p, dtype)
     blocks = check_block_size(block_size, op)
+    alpha = _check_normalizer(op, normalizer, alpha, return_lse, implementation)
     chosen = choose_implementation(
         implementation,
         n_scores=math.prod(q.shape[:-1]) * n_k,
         elem_bytes=itemsize(xp, dtype),
-        return_weights=return_weights,
+        return_weights=return_weights or normalizer != "softmax",
         memory_budget=memory_budget,
     )
 
@@ -236,6 +244,8 @@ def prepare(
         pattern=causal_pattern(is_causal, causal_alignment, n_q, n_k, window),
         scale=scale,
         softcap=softcap,
+        normalizer=normalizer,
+        alpha=alpha,
         implementation=chosen,
         block_size=blocks,
         q_shape=tuple(q.shape),
@@ -329,6 +339,48 @@ def _check_scale(op: str, scale: Any, d_k: int) -> float:
     if not math.isfinite(value):
         raise ValueError(f"refattn.{op}: scale must be finite, got {scale!r}")
     return value  # a Python float: float32 inputs stay float32 under NumPy 2's promotion rules
+
+
+def _check_normalizer(
+    op: str, normalizer: Any, alpha: Any, return_lse: bool, implementation: Any
+) -> float | None:
+    """The normalizer and its α; the sparse ones have no LSE and run materialized only.
+
+    Their row threshold needs the whole row of scores, which the tiled kernel never holds.
+    """
+    if normalizer not in ("softmax", "sparsemax", "entmax"):
+        raise ValueError(
+            f"refattn.{op}: normalizer must be 'softmax', 'sparsemax' or 'entmax', "
+            f"got {normalizer!r}"
+        )
+    if normalizer != "entmax":
+        if alpha is not None:
+            raise ValueError(
+                f"refattn.{op}: alpha is for normalizer='entmax' only, got "
+                f"normalizer={normalizer!r}"
+            )
+        if normalizer == "softmax":
+            return None
+    if return_lse:
+        raise ValueError(
+            f"refattn.{op}: return_lse needs normalizer='softmax' ({normalizer} has no LSE)"
+        )
+    if implementation == "tiled":
+        raise ValueError(
+            f"refattn.{op}: normalizer={normalizer!r} runs on the materialized kernel only "
+            "(its threshold needs whole rows of scores), got implementation='tiled'"
+        )
+    if normalizer == "sparsemax":
+        return None
+    value = 1.5 if alpha is None else alpha
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"refattn.{op}: alpha must be a real number in [1, 2] (a learnable α: compose with "
+            f"refattn.entmax), got {alpha!r}"
+        )
+    if not 1.0 <= float(value) <= 2.0:
+        raise ValueError(f"refattn.{op}: alpha must be in [1, 2], got {alpha!r}")
+    return float(value)
 
 
 def _check_softcap(op: str, softcap: Any) -> float | None:

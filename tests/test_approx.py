@@ -517,3 +517,18 @@ def test_lsh_bad_input():
         op(qk, v[:, :8], rotations=rot, chunk_size=4)
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         refattn.lsh_attention_mask(qk, rotations=rot, chunk_size=5)
+
+
+def test_lsh_blocks_of_chunks_do_not_change_the_result(monkeypatch):
+    """The scores are computed per block of chunks; one chunk per block gives the same result."""
+    import refattn.ops.lsh as lsh_module
+
+    qk, v, rot, ct = _lsh_inputs(seed=8)
+    for causal in (False, True):
+        opts = {"rotations": rot, "chunk_size": 4, "is_causal": causal}
+        whole = _refattn_vjp(refattn.lsh_attention, [qk, v], ct, **opts)
+        with monkeypatch.context() as m:
+            m.setattr(lsh_module, "_BLOCK_ENTRIES", 2 * 4 * 8)  # B c 2c: one chunk per block
+            assert len(lsh_module._blocks(2, 12, 4)) == 12
+            blocked = _refattn_vjp(refattn.lsh_attention, [qk, v], ct, **opts)
+        _assert_all_close(blocked, (whole[0], list(whole[1])), tol=1e-15)

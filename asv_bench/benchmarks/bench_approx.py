@@ -3,8 +3,10 @@
 Targets, read off one run of this suite:
 
 * ``LSH``: forward + backward cost ``O(n c d)`` per round, so from one ``n`` to ``2n`` the time
-  grows by <= 2.3x (linear growth is 2x). ``backend="reformer_pytorch"`` is the package's
-  ``LSHAttention`` (torch autograd, float64, same sizes) in the same run.
+  grows by <= 2.3x (linear growth is 2x), with a fixed number of buckets (64: the hash costs
+  ``O(n n_buckets d)``). ``backend="reformer_pytorch"`` is the package's ``LSHAttention`` (torch
+  autograd, float64, same sizes), whose ``n_buckets`` is ``n / c``;
+  ``backend="refattn_n_over_c"`` is refattn with that same bucket count.
 * ``Linformer``, ``XCA``: refattn's forward + backward beside the peer users know (torch
   autograd of the ``linformer`` package's einsum formula; timm's ``XCA`` attention core when
   timm imports, which needs torchvision: skipped otherwise), float64.
@@ -47,9 +49,9 @@ def _refattn_closure(op, arrays, d_out, **options):
 
 
 class LSH:
-    """Shared-QK LSH attention, (4 heads, n, 64) float64, 4 rounds, chunk 64, n_buckets = n/64."""
+    """Shared-QK LSH attention, (4 heads, n, 64) float64, 4 rounds, chunk 64."""
 
-    params = ([2048, 4096, 8192], ["refattn", "reformer_pytorch"])
+    params = ([2048, 4096, 8192], ["refattn", "refattn_n_over_c", "reformer_pytorch"])
     param_names = ["n", "backend"]
     number = 1
     repeat = (3, 10, 30.0)
@@ -57,7 +59,7 @@ class LSH:
 
     def setup(self, n, backend):
         qk, v, d_out = (randn((_HEADS, n, _D), offset=i) for i in range(3))
-        n_buckets = n // _CHUNK
+        n_buckets = n // _CHUNK if backend != "refattn" else 64
         if backend == "reformer_pytorch":
             torch = torch_or_skip()
             try:

@@ -35,12 +35,15 @@ pair as a log-bias (:func:`lsh_attention_mask` returns ``M_r``):
 
 Pairs seen in several rounds count several times (reformer_pytorch's default
 ``allow_duplicate_attention=True``). Cost per round: ``n / c`` chunks of ``c x 2c`` scores,
-``O(n c d)`` time and ``O(n c)`` memory.
+``O(n c d)`` time; the scores are computed per block of
+chunks (recomputed in the backward), so the memory beyond inputs and outputs is the sorted
+windows, ``O(n_hashes n d)``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from .._backend import device_of, namespace
@@ -136,6 +139,49 @@ def _fold_back(xp: Any, x: Array, c: int) -> Array:
     return x[:, :, :c, ...] + xp.roll(x[:, :, c:, ...], -1, axis=1)
 
 
+#: a block of chunks has score tiles of about this many entries (forward and backward)
+_BLOCK_ENTRIES = 2**19
+
+
+def _blocks(b: int, n_c: int, c: int) -> list[tuple[int, int]]:
+    """Runs of chunks whose ``(B, g, c, 2c)`` scores hold about :data:`_BLOCK_ENTRIES`."""
+    g = max(1, _BLOCK_ENTRIES // max(1, b * c * 2 * c))
+    return [(g0, min(g0 + g, n_c)) for g0 in range(0, n_c, g)]
+
+
+@dataclass
+class _Windows:
+    """The sorted, chunked queries and their key/value windows, and the score rule.
+
+    ``bq (B, n_c, c, d)``, ``bk (B, n_c, 2c, d)`` (normalised keys), ``bv (B, n_c, 2c, d_v)``;
+    ``tq (B, n_c, c)`` and ``tk (B, n_c, 2c)`` the positions in the slots. Scores are
+    recomputed per block of chunks in the backward, so nothing of size ``n c`` is kept.
+    """
+
+    bq: Array
+    bk: Array
+    bv: Array
+    tq: Array
+    tk: Array
+    scale: float
+    is_causal: bool
+    self_logit: float
+
+    def is_self(self, g0: int, g1: int) -> Array:
+        tq, tk = self.tq[:, g0:g1, ...], self.tk[:, g0:g1, ...]
+        return tq[..., :, None] == tk[..., None, :]
+
+    def scores(self, xp: Any, g0: int, g1: int) -> Array:
+        """``(B, g, c, 2c)``: scaled scores, ``self_logit`` on self pairs, ``-inf`` where causal."""
+        s = (self.bq[:, g0:g1, ...] @ xp.matrix_transpose(self.bk[:, g0:g1, ...])) * self.scale
+        fill = xp.asarray(self.self_logit, dtype=s.dtype, device=device_of(s))
+        s = xp.where(self.is_self(g0, g1), fill, s)
+        if self.is_causal:
+            tq, tk = self.tq[:, g0:g1, ...], self.tk[:, g0:g1, ...]
+            s = xp.where(tk[..., None, :] > tq[..., :, None], -xp.inf, s)
+        return s
+
+
 def _lsh_fwd(
     qk: Array,
     v: Array,
@@ -191,24 +237,25 @@ def _lsh_fwd(
     bv = _look_back(xp, xp.reshape(_gather(xp, v3, st), (b, n_c, c, dv)))
     tq = xp.reshape(st, (b, n_c, c))
     tk = _look_back(xp, tq)
-    is_self = tq[..., :, None] == tk[..., None, :]  # (B, n_c, c, 2c)
-    s = (bq @ xp.matrix_transpose(bk)) * scale
-    s = xp.where(is_self, xp.asarray(self_logit, dtype=s.dtype, device=device_of(s)), s)
-    if is_causal:
-        s = xp.where(tk[..., None, :] > tq[..., :, None], -xp.inf, s)
-    m = xp.max(s, axis=-1, keepdims=True)  # finite: the query itself is always in its chunk
-    lse = m + xp.log(xp.sum(xp.exp(s - m), axis=-1, keepdims=True))
-    p = xp.exp(s - lse)
-    o = xp.reshape(p @ bv, (b, n_hashes * n, dv))
+    windows = _Windows(bq, bk, bv, tq, tk, scale, is_causal, self_logit)
+    o_blocks, lse_blocks = [], []
+    for g0, g1 in _blocks(b, n_c, c):
+        s = windows.scores(xp, g0, g1)
+        m = xp.max(s, axis=-1, keepdims=True)  # finite: the query itself is always in its chunk
+        lse = m + xp.log(xp.sum(xp.exp(s - m), axis=-1, keepdims=True))
+        o_blocks.append(xp.exp(s - lse) @ bv[:, g0:g1, ...])
+        lse_blocks.append(lse)
+    o = xp.reshape(xp.concat(o_blocks, axis=1), (b, n_hashes * n, dv))
+    lse = xp.reshape(xp.concat(lse_blocks, axis=1), (b, n_hashes * n, 1))
     # back to (round, position) order, then the rounds combined by their logsumexp
     o = xp.reshape(_gather(xp, o, undo), (b, n_hashes, n, dv))
-    lse_r = xp.reshape(_gather(xp, xp.reshape(lse, (b, n_hashes * n, 1)), undo), (b, n_hashes, n))
+    lse_r = xp.reshape(_gather(xp, lse, undo), (b, n_hashes, n))
     big = xp.max(lse_r, axis=1, keepdims=True)
     total = big + xp.log(xp.sum(xp.exp(lse_r - big), axis=1, keepdims=True))  # (B, 1, n)
     w = xp.exp(lse_r - total)
     out = xp.sum(w[..., None] * o, axis=1)  # (B, n, d_v)
-    saved = (xp, tuple(qk.shape), tuple(v.shape), scale, st, undo, bq, norm, bk, bv, p, is_self)
-    return xp.reshape(out, (*lead, n, dv)), (saved, out, lse, total)
+    saved = (xp, tuple(qk.shape), tuple(v.shape), st, undo, norm, windows)
+    return xp.reshape(out, (*lead, n, dv)), (saved, out, total)
 
 
 def _lsh_bwd(residuals: Any, d_out: Array, /) -> tuple[Array, Array]:
@@ -233,25 +280,31 @@ def _lsh_bwd(residuals: Any, d_out: Array, /) -> tuple[Array, Array]:
     (the adjoint of the cyclic shift), and ``undo`` takes every slot's gradient back to its
     position; ``dqk = sum over rounds of (dq + dk)``, since ``qk`` is both query and key.
     """
-    saved, out, lse, total = residuals
-    xp, qk_shape, v_shape, scale, st, undo, bq, norm, bk, bv, p, is_self = saved
-    b, n_c, c, d = (int(s) for s in bq.shape)
+    saved, out, total = residuals
+    xp, qk_shape, v_shape, st, undo, norm, win = saved
+    b, n_c, c, d = (int(s) for s in win.bq.shape)
     n = int(out.shape[1])
     n_hashes = n_c * c // n
-    dv = int(bv.shape[-1])
+    dv = int(win.bv.shape[-1])
     d_o = xp.reshape(d_out, (b, n, dv))
     delta = xp.sum(d_o * out, axis=-1, keepdims=True)  # (B, n, 1)
-    # round weights in sorted order: w = exp(lse_slot - L_position)
+    # L_i of each slot's position: P_rij = exp(s_rij - L_i) with the scores recomputed
     total_s = xp.reshape(_gather(xp, xp.reshape(total, (b, n, 1)), st), (b, n_c, c, 1))
-    pw = p * xp.exp(lse - total_s)  # P_{rij}, (B, n_c, c, 2c)
     d_o_s = xp.reshape(_gather(xp, d_o, st), (b, n_c, c, dv))
     delta_s = xp.reshape(_gather(xp, delta, st), (b, n_c, c, 1))
-    d_bv = xp.matrix_transpose(pw) @ d_o_s  # (B, n_c, 2c, d_v)
-    d_s = pw * (d_o_s @ xp.matrix_transpose(bv) - delta_s)
-    d_s = xp.where(is_self, xp.zeros_like(d_s), d_s)
-    d_q = (d_s @ bk) * scale
-    d_kh = _fold_back(xp, (xp.matrix_transpose(d_s) @ bq) * scale, c)
-    kh = bk[:, :, :c, :]
+    d_q_blocks, d_kw_blocks, d_vw_blocks = [], [], []
+    for g0, g1 in _blocks(b, n_c, c):
+        pw = xp.exp(win.scores(xp, g0, g1) - total_s[:, g0:g1, ...])  # (B, g, c, 2c)
+        d_o_g = d_o_s[:, g0:g1, ...]
+        d_vw_blocks.append(xp.matrix_transpose(pw) @ d_o_g)  # (B, g, 2c, d_v)
+        d_s = pw * (d_o_g @ xp.matrix_transpose(win.bv[:, g0:g1, ...]) - delta_s[:, g0:g1, ...])
+        d_s = xp.where(win.is_self(g0, g1), xp.zeros_like(d_s), d_s)
+        d_q_blocks.append((d_s @ win.bk[:, g0:g1, ...]) * win.scale)
+        d_kw_blocks.append((xp.matrix_transpose(d_s) @ win.bq[:, g0:g1, ...]) * win.scale)
+    d_q = xp.concat(d_q_blocks, axis=1)
+    d_kh = _fold_back(xp, xp.concat(d_kw_blocks, axis=1), c)
+    d_bv = xp.concat(d_vw_blocks, axis=1)
+    kh = win.bk[:, :, :c, :]
     d_k = (d_kh - kh * xp.sum(kh * d_kh, axis=-1, keepdims=True)) / norm
     d_qk = xp.reshape(d_q + d_k, (b, n_hashes * n, d))
     d_v = xp.reshape(_fold_back(xp, d_bv, c), (b, n_hashes * n, dv))

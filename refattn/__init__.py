@@ -105,3 +105,26 @@ __all__ = [
     "transformer_encoder_layer_cached",
     "vjp",
 ]
+
+# issue 19: cross-covariance (XCA), Linformer and Reformer LSH attention
+from .layers import (
+    cross_covariance_attention_layer,
+    init_cross_covariance_attention_layer,
+)
+from .ops import (
+    cross_covariance_attention,
+    linformer_attention,
+    lsh_attention,
+    lsh_attention_mask,
+    lsh_buckets,
+)
+
+__all__ += [
+    "cross_covariance_attention",
+    "cross_covariance_attention_layer",
+    "init_cross_covariance_attention_layer",
+    "linformer_attention",
+    "lsh_attention",
+    "lsh_attention_mask",
+    "lsh_buckets",
+]

@@ -53,16 +53,19 @@ from .transformer import (
     transformer_decoder_layer,
     transformer_encoder_layer,
 )
+from .xca import cross_covariance_attention_layer, init_cross_covariance_attention_layer
 
 __all__ = [
     "LUONG_METHODS",
     "KVCache",
     "add_sinusoidal_positions",
     "additive_attention",
+    "cross_covariance_attention_layer",
     "feed_forward",
     "gelu",
     "gelu_tanh",
     "init_additive_attention",
+    "init_cross_covariance_attention_layer",
     "init_feed_forward",
     "init_layer_norm",
     "init_learned_positions",

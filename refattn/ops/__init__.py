@@ -2,17 +2,25 @@
 
 from .entmax import entmax, sparsemax
 from .linear_attention import linear_attention
+from .linformer import linformer_attention
+from .lsh import lsh_attention, lsh_attention_mask, lsh_buckets
 from .masks import causal_mask, from_torch_mha_masks, padding_mask
 from .sdpa import scaled_dot_product_attention
 from .softmax import log_softmax, softmax
 from .window import sliding_window_attention
+from .xca import cross_covariance_attention
 
 __all__ = [
     "causal_mask",
+    "cross_covariance_attention",
     "entmax",
     "from_torch_mha_masks",
     "linear_attention",
+    "linformer_attention",
     "log_softmax",
+    "lsh_attention",
+    "lsh_attention_mask",
+    "lsh_buckets",
     "padding_mask",
     "scaled_dot_product_attention",
     "sliding_window_attention",

@@ -37,6 +37,7 @@ __all__ = [
     "is_sparse",
     "itemsize",
     "namespace",
+    "real_number",
     "sparse_module",
 ]
 
@@ -89,6 +90,24 @@ def check_floating(xp: ModuleType, name: str, x: Array) -> None:
             f"{x.dtype}; for float16 or bfloat16 kernels, cast the inputs up and compare with "
             "refattn.testing's low-precision baselines"
         )
+
+
+def real_number(op: str, name: str, value: Any) -> float:
+    """``value`` as a finite Python float, else an error naming ``name``.
+
+    ``float()`` alone would take ``"1"`` and ``True``; a string or a bool where a number belongs
+    is a caller's mistake, so both are a TypeError. The result is a Python float, so float32
+    inputs stay float32 under NumPy 2's promotion rules.
+    """
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"refattn.{op}: {name} must be a real number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"refattn.{op}: {name} must be a real number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"refattn.{op}: {name} must be finite, got {value!r}")
+    return number
 
 
 def itemsize(xp: ModuleType, dtype: Any) -> int:

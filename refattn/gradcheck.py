@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _tree
-from ._backend import namespace
+from ._backend import namespace, real_number
 from ._op import Op, vjp
 
 __all__ = ["GradcheckError", "gradcheck"]
@@ -116,11 +116,21 @@ def gradcheck(
         values.
     TypeError
         For inputs that are not floating point.
+    ValueError
+        For ``eps <= 0`` or a negative tolerance.
     """
     if not isinstance(op, Op):
         raise TypeError(f"refattn.gradcheck: op must be a refattn.Op, got {type(op).__name__}")
     if not primals:
         raise ValueError(f"refattn.gradcheck({op.name}): no primal inputs were given")
+    eps = real_number("gradcheck", "eps", eps)
+    atol = real_number("gradcheck", "atol", atol)
+    rtol = real_number("gradcheck", "rtol", rtol)
+    if not (eps > 0.0 and atol >= 0.0 and rtol >= 0.0):
+        raise ValueError(
+            f"refattn.gradcheck: eps must be > 0 and atol, rtol >= 0, got eps={eps!r}, "
+            f"atol={atol!r}, rtol={rtol!r}"
+        )
     options = {**options, **(op_options or {})}
     primals64 = tuple(_to_float64(op, i, p) for i, p in enumerate(primals))
     names = _input_names(op, primals64)

@@ -33,6 +33,7 @@ from .._backend import (
     describe,
     floating_dtype,
     namespace,
+    real_number,
 )
 from .._op import Op
 from .._runtime import matmul
@@ -351,11 +352,8 @@ layer_norm = Op(_layer_norm_fwd, _layer_norm_bwd, name="layer_norm", register=Tr
 
 def check_eps(op: str, eps: Any) -> float:
     """``eps`` as a finite float >= 0 (a layer norm's epsilon), else a clear error."""
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"refattn.{op}: eps must be a real number, got {eps!r}") from None
-    if not (value >= 0.0 and math.isfinite(value)):
+    value = real_number(op, "eps", eps)
+    if not value >= 0.0:
         raise ValueError(f"refattn.{op}: eps must be finite and >= 0, got {eps!r}")
     return value
 

@@ -34,6 +34,7 @@ from .._backend import (
     device_of,
     itemsize,
     namespace,
+    real_number,
 )
 from .._op import Op
 from ..ops.masks import causal_keep
@@ -479,15 +480,7 @@ def _check_max_distance(max_distance: Any) -> int:
 def _check_scale(scale: Any, d_k: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d_k)
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"refattn.relative_position_attention: scale must be a real number, got {scale!r}"
-        ) from None
-    if not math.isfinite(value):
-        raise ValueError(f"refattn.relative_position_attention: scale must be finite, got {scale}")
-    return value
+    return real_number("relative_position_attention", "scale", scale)
 
 
 def _swap01(xp: ModuleType, x: Array) -> Array:

@@ -41,7 +41,7 @@ from typing import Any
 
 from array_api_compat import is_numpy_namespace
 
-from .._backend import device_of, namespace
+from .._backend import device_of, namespace, real_number
 from .._op import Op
 from .._runtime import n_threads, parallel_map
 from .sdpa.problem import prepare
@@ -136,11 +136,8 @@ def _linear_attention_fwd(
         )
     if not isinstance(is_causal, bool):
         raise TypeError(f"refattn.{_OP}: is_causal must be a bool, got {is_causal!r}")
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"refattn.{_OP}: eps must be a real number, got {eps!r}") from None
-    if not (math.isfinite(eps) and eps >= 0.0):
+    eps = real_number(_OP, "eps", eps)
+    if not eps >= 0.0:
         raise ValueError(f"refattn.{_OP}: eps must be finite and >= 0, got {eps!r}")
     if chunk_size is None:
         chunk_size = _CHUNK

@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .._backend import device_of, namespace
+from .._backend import device_of, namespace, real_number
 from .._op import Op
 
 __all__ = ["lsh_attention", "lsh_attention_mask", "lsh_buckets"]
@@ -223,10 +223,10 @@ def _lsh_fwd(
     xp, n_hashes, _, c = _check(_OP, qk, v, rotations, chunk_size)
     if not isinstance(is_causal, bool):
         raise TypeError(f"refattn.{_OP}: is_causal must be a bool, got {is_causal!r}")
-    self_logit = float(self_logit)
+    self_logit = real_number(_OP, "self_logit", self_logit)
     *lead, n, d = (int(s) for s in qk.shape)
     dv = int(v.shape[-1])
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(d) if scale is None else real_number(_OP, "scale", scale)
     b = math.prod(lead)
     qk3, v3 = xp.reshape(qk, (b, n, d)), xp.reshape(v, (b, n, dv))
     st, undo = _sort(xp, _buckets(xp, qk3, rotations))

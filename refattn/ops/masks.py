@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._backend import default_namespace, namespace
+from .._backend import all_true, default_namespace, namespace
 
 __all__ = ["CAUSAL_ALIGNMENTS", "causal_mask", "from_torch_mha_masks", "padding_mask"]
 
@@ -62,6 +62,9 @@ def causal_mask(
 def padding_mask(lengths: Array, n: int) -> Array:
     """Key-padding mask ``(batch, n)``: True where position ``< lengths[b]``.
 
+    A length outside ``[0, n]`` is an error, not clipped: it means the lengths and ``n`` describe
+    different batches.
+
     To use it as an attention mask over ``(batch, heads, n_q, n_k)``, add the two broadcast
     axes: ``mask = padding_mask(lengths, n_k)[:, None, None, :]``.
     """
@@ -73,6 +76,11 @@ def padding_mask(lengths: Array, n: int) -> Array:
         )
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"refattn.padding_mask: n must be a non-negative int, got {n!r}")
+    if not all_true(xp, (lengths >= 0) & (lengths <= n)):
+        raise ValueError(
+            f"refattn.padding_mask: lengths must lie in [0, n] = [0, {n}], got min "
+            f"{int(xp.min(lengths))}, max {int(xp.max(lengths))}"
+        )
     positions = xp.arange(n, device=getattr(lengths, "device", None))
     return positions[None, :] < lengths[:, None]
 

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..._backend import describe, floating_dtype, itemsize, namespace
+from ..._backend import describe, floating_dtype, itemsize, namespace, real_number
 from ..masks import check_alignment
 from ..softmax import check_broadcast, check_mask
 from .plan import Pattern, causal_pattern
@@ -332,13 +332,7 @@ def _check_window(op: str, window: Any) -> tuple[int | None, int | None] | None:
 def _check_scale(op: str, scale: Any, d_k: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d_k) if d_k else 1.0
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"refattn.{op}: scale must be a real number, got {scale!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"refattn.{op}: scale must be finite, got {scale!r}")
-    return value  # a Python float: float32 inputs stay float32 under NumPy 2's promotion rules
+    return real_number(op, "scale", scale)
 
 
 def _check_normalizer(
@@ -387,13 +381,10 @@ def _check_softcap(op: str, softcap: Any) -> float | None:
     """None or 0 (FlashAttention's "off") give None; otherwise a finite float > 0."""
     if softcap is None:
         return None
-    try:
-        value = float(softcap)
-    except (TypeError, ValueError):
-        raise TypeError(f"refattn.{op}: softcap must be a real number, got {softcap!r}") from None
+    value = real_number(op, "softcap", softcap)
     if value == 0.0:
         return None
-    if not (math.isfinite(value) and value > 0.0):
+    if not value > 0.0:
         raise ValueError(
             f"refattn.{op}: softcap must be a finite number > 0 (0 or None: no cap), "
             f"got {softcap!r}"

@@ -128,3 +128,8 @@ __all__ += [
     "lsh_attention_mask",
     "lsh_buckets",
 ]
+
+# issue 18: block-sparse attention
+from .ops import block_sparse_attention, block_sparse_mask  # noqa: E402
+
+__all__ += ["block_sparse_attention", "block_sparse_mask"]

@@ -1,5 +1,6 @@
 """Differentiable ops: each keeps its forward, its backward and its derivation together."""
 
+from .block_sparse import block_sparse_attention, block_sparse_mask
 from .entmax import entmax, sparsemax
 from .linear_attention import linear_attention
 from .linformer import linformer_attention
@@ -11,6 +12,8 @@ from .window import sliding_window_attention
 from .xca import cross_covariance_attention
 
 __all__ = [
+    "block_sparse_attention",
+    "block_sparse_mask",
     "causal_mask",
     "cross_covariance_attention",
     "entmax",

@@ -130,6 +130,22 @@ __all__ += [
 ]
 
 # issue 18: block-sparse attention
-from .ops import block_sparse_attention, block_sparse_mask  # noqa: E402
+from .ops import (  # noqa: E402
+    bigbird_pattern,
+    block_sparse_attention,
+    block_sparse_mask,
+    combine_patterns,
+    fixed_pattern,
+    longformer_dilated_pattern,
+    strided_pattern,
+)
 
-__all__ += ["block_sparse_attention", "block_sparse_mask"]
+__all__ += [
+    "bigbird_pattern",
+    "block_sparse_attention",
+    "block_sparse_mask",
+    "combine_patterns",
+    "fixed_pattern",
+    "longformer_dilated_pattern",
+    "strided_pattern",
+]

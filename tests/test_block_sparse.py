@@ -11,6 +11,12 @@ import refattn
 from refattn import scaled_dot_product_attention as sdpa
 from refattn.ops.block_sparse import block_sparse_attention, block_sparse_mask
 from refattn.ops.sdpa import tiled
+from refattn.ops.sparse_patterns import (
+    bigbird_pattern,
+    fixed_pattern,
+    longformer_dilated_pattern,
+    strided_pattern,
+)
 
 
 def element_mask(layout: np.ndarray, b: int, n: int, is_causal: bool) -> np.ndarray:
@@ -175,3 +181,24 @@ def test_bad_layouts(layout, block_size, error, match):
     q = np.zeros((1, 2, 10, 3))
     with pytest.raises(error, match=match):
         block_sparse_attention(q, q, q, layout=layout, block_size=block_size)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        strided_pattern(6, 2),
+        fixed_pattern(6, 3, 1),
+        bigbird_pattern(6, 1, 1, 1, seed=0),
+        longformer_dilated_pattern(6, 1, [1, 2]),
+    ],
+    ids=["strided", "fixed", "bigbird", "longformer_per_head"],
+)
+def test_pattern_layouts_equal_masked_sdpa(layout):
+    rng = np.random.default_rng(3)
+    q, k, v, d_out = (rng.standard_normal((1, 2, 22, 3)) for _ in range(4))
+    out, pullback = refattn.vjp(block_sparse_attention, q, k, v, layout=layout, block_size=4)
+    mask = element_mask(layout, 4, 22, False)
+    ref, ref_pullback = refattn.vjp(sdpa, q, k, v, mask=mask, implementation="materialized")
+    assert rel(out, ref) <= 1e-13
+    for g, r in zip(pullback(d_out), ref_pullback(d_out), strict=True):
+        assert rel(g, r) <= 1e-13

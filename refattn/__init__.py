@@ -128,3 +128,24 @@ __all__ += [
     "lsh_attention_mask",
     "lsh_buckets",
 ]
+
+# issue 18: block-sparse attention
+from .ops import (  # noqa: E402
+    bigbird_pattern,
+    block_sparse_attention,
+    block_sparse_mask,
+    combine_patterns,
+    fixed_pattern,
+    longformer_dilated_pattern,
+    strided_pattern,
+)
+
+__all__ += [
+    "bigbird_pattern",
+    "block_sparse_attention",
+    "block_sparse_mask",
+    "combine_patterns",
+    "fixed_pattern",
+    "longformer_dilated_pattern",
+    "strided_pattern",
+]

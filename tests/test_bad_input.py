@@ -318,6 +318,57 @@ CASES = [
         ValueError,
         ("eps",),
     ),
+    # ---- block-sparse attention and its patterns
+    Bad(
+        "block_sparse layout shape",
+        lambda _: refattn.block_sparse_attention(
+            Q, Q, Q, layout=np.ones((3, 1), bool), block_size=4
+        ),
+        ValueError,
+        ("layout", "(3, 1)"),
+    ),
+    Bad(
+        "block_sparse layout dtype",
+        lambda _: refattn.block_sparse_attention(
+            Q, Q, Q, layout=np.ones((1, 1), int), block_size=4
+        ),
+        TypeError,
+        ("layout",),
+    ),
+    Bad(
+        "block_sparse block_size",
+        lambda _: refattn.block_sparse_attention(
+            Q, Q, Q, layout=np.ones((1, 1), bool), block_size=0
+        ),
+        ValueError,
+        ("block_size",),
+    ),
+    Bad(
+        "block_sparse_mask block_size",
+        lambda _: refattn.block_sparse_mask(np.ones((2, 2), bool), 0, 8),
+        ValueError,
+        ("block_size",),
+    ),
+    Bad("strided l", lambda _: refattn.strided_pattern(4, 0), ValueError, ("l",)),
+    Bad("fixed c", lambda _: refattn.fixed_pattern(4, 2, 3), ValueError, ("c", "3")),
+    Bad(
+        "combine how",
+        lambda _: refattn.combine_patterns([np.ones((2, 2), bool)], how="x"),
+        ValueError,
+        ("how",),
+    ),
+    Bad(
+        "bigbird window",
+        lambda _: refattn.bigbird_pattern(4, -1, 1, 1, seed=0),
+        ValueError,
+        ("window",),
+    ),
+    Bad(
+        "longformer dilation",
+        lambda _: refattn.longformer_dilated_pattern(4, 1, 0),
+        ValueError,
+        ("dilation",),
+    ),
     # ---- golden vectors, compare, testing
     Bad(
         "vectors missing file",

@@ -12,19 +12,27 @@ Nothing runs at import. The first threaded call raises glibc's mmap threshold on
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, TypeVar
 
 from ._backend import is_numpy_namespace, itemsize
 
-__all__ = ["matmul", "matmul_scratch", "n_threads", "parallel_map", "prime_allocator"]
+__all__ = [
+    "matmul",
+    "matmul_scratch",
+    "n_threads",
+    "parallel_map",
+    "prime_allocator",
+    "serial",
+]
 
 Array = Any
 T = TypeVar("T")
@@ -32,7 +40,10 @@ R = TypeVar("R")
 
 
 def n_threads() -> int:
-    """Worker threads for :func:`parallel_map`: ``REFATTN_NUM_THREADS`` or the CPU count."""
+    """Worker threads for :func:`parallel_map`: ``REFATTN_NUM_THREADS`` or the CPU count; 1
+    inside a :func:`parallel_map` item or a :func:`serial` block (those run serially)."""
+    if _in_pool():
+        return 1
     env = os.environ.get("REFATTN_NUM_THREADS")
     if env:
         return max(1, int(env))
@@ -164,6 +175,23 @@ def parallel_map(xp: ModuleType, fn: Callable[[T], R], items: Sequence[T] | Iter
 
 
 _WORKING = threading.local()
+
+
+@contextlib.contextmanager
+def serial() -> Iterator[None]:
+    """Run refattn's kernels in this thread only, for the duration of the block.
+
+    For callers that are themselves one of many parallel tasks (a Dask worker thread running
+    a tile, say): the kernels then neither start threads nor split their work into lanes, so
+    the cores are not oversubscribed and every result is bitwise reproducible (a lane's
+    partial sums depend on which units it took).
+    """
+    before = _in_pool()
+    _WORKING.active = True
+    try:
+        yield
+    finally:
+        _WORKING.active = before
 
 
 def _in_pool() -> bool:

@@ -8,6 +8,8 @@
     the dynamic-attention demo from the seeds (lazy updates versus full recomputes).
 ``refattn vectors export|verify``, ``refattn compare torch|jax``
     golden vectors and framework comparisons.
+``refattn reference --q q.npy --k k.npy --v v.npy [--do do.npy] --out DIR``
+    exact float64 output, LSE and gradients of a user's inputs on a Dask cluster.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ _PLUGINS = {
     "dynamic": ("refattn._dynamic_cli", "run the dynamic-attention demo (seeds 000/001)"),
     "vectors": ("refattn.vectors", "export or verify golden vectors"),
     "compare": ("refattn.compare", "check a framework's attention against refattn"),
+    "reference": ("refattn._reference_cli", "float64 output and gradients of .npy inputs on Dask"),
 }
 
 

@@ -12,5 +12,13 @@ Importing :mod:`refattn` does not import this package, nor Dask.
 """
 
 from .attention import scaled_dot_product_attention, sdpa_backward, vjp
+from .cluster import WORKER_ENVIRONMENT, local_cluster, peak_memory
 
-__all__ = ["scaled_dot_product_attention", "sdpa_backward", "vjp"]
+__all__ = [
+    "WORKER_ENVIRONMENT",
+    "local_cluster",
+    "peak_memory",
+    "scaled_dot_product_attention",
+    "sdpa_backward",
+    "vjp",
+]

@@ -90,6 +90,19 @@ def pair_state(
     return state, masked
 
 
+def _fresh(*arrays: Array) -> list[Array]:
+    """Copies of ``arrays`` in new memory: contiguous and aligned.
+
+    A chunk that came from another worker can be a view at any byte offset of the message it
+    arrived in, not even aligned to its itemsize, and a chunk of ``dask.array.from_array`` a
+    strided view; NumPy computes such arrays on other loops than fresh ones, with other
+    roundings. Copying (``O(b d)`` against the pair's ``O(b^2 d)``) makes a task's result
+    depend on its inputs' values only, so that a re-run task, anywhere, gives the same bits.
+    """
+    xp = namespace(*arrays)
+    return [xp.asarray(x, copy=True) for x in arrays]
+
+
 def _problem(
     q: Array,
     k: Array,
@@ -102,6 +115,7 @@ def _problem(
     block_size: tuple[int, int] | None,
 ) -> Problem:
     """The pair as a tiled-kernel problem: the key-length mask and the shifted causal rule."""
+    q, k, v = _fresh(q, k, v)
     xp = namespace(q, k, v)
     mask = None
     if key_lengths is not None and min(key_lengths) < c0 + int(k.shape[-2]):
@@ -163,6 +177,7 @@ def merge_partials(*partials: tuple[Array, Array]) -> tuple[Array, Array]:
     """
     if len(partials) == 1:
         return partials[0]
+    partials = [tuple(_fresh(o_i, l_i)) for o_i, l_i in partials]
     o0, l0 = partials[0]
     xp = namespace(o0)
     lse = l0
@@ -199,6 +214,7 @@ def pair_backward(
         q, k, v, delta=delta, c0=c0, key_lengths=key_lengths, scale=scale, block_size=block_size
     )
     xp = pb.xp
+    o, lse, d_o = _fresh(o, lse, d_o)
     rows = tuple(pb.q.shape[:4])
     o_c = xp.reshape(o, (*rows, int(pb.v.shape[-1])))
     lse_c = xp.reshape(lse, rows)

@@ -28,15 +28,14 @@ def local_cluster(
     n_workers: int = 2,
     *,
     memory_limit: str | int = "2GiB",
-    dashboard: bool = False,
     **kwargs: Any,
 ) -> Any:
     """A ``distributed.LocalCluster`` of ``n_workers`` single-threaded worker *processes*.
 
     One thread per worker because each task runs refattn's kernels serially; parallelism is
     the cluster's. ``memory_limit`` is per worker (Dask pauses, then restarts, a worker above
-    it). ``dashboard`` serves Dask's dashboard on a free port (it needs bokeh). Other keyword
-    arguments go to ``LocalCluster``; the workers get :data:`WORKER_ENVIRONMENT`.
+    it). The scheduler's HTTP server (and with bokeh, the dashboard) takes a free port. Other
+    keyword arguments go to ``LocalCluster``; the workers get :data:`WORKER_ENVIRONMENT`.
     """
     from distributed import LocalCluster
 
@@ -46,9 +45,8 @@ def local_cluster(
         threads_per_worker=1,
         processes=True,
         memory_limit=memory_limit,
-        dashboard_address=":0" if dashboard else None,
         env=env,
-        **kwargs,
+        **{"dashboard_address": ":0", **kwargs},
     )
 
 

@@ -11,6 +11,7 @@ holds a whole array. Dask is imported only when the command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -135,12 +136,16 @@ def run(args: argparse.Namespace) -> int:
         NpyTarget(os.path.join(os.path.abspath(args.out), f"{name}.npy"), x.shape, x.dtype)
         for name, x in results.items()
     ]
-    cluster = (
-        None if args.scheduler else local_cluster(args.workers, memory_limit=args.memory_limit)
-    )
-    with Client(args.scheduler or cluster) as client:
-        link = getattr(client, "dashboard_link", None)
-        print(f"refattn reference: {len(client.nthreads())} workers; dashboard: {link or 'off'}")
+    with contextlib.ExitStack() as stack:
+        if args.scheduler:
+            client = stack.enter_context(Client(args.scheduler))
+        else:
+            cluster = stack.enter_context(
+                local_cluster(args.workers, memory_limit=args.memory_limit)
+            )
+            client = stack.enter_context(Client(cluster))
+        workers = len(client.nthreads())
+        print(f"refattn reference: {workers} workers; dashboard {client.dashboard_link}")
         start = time.perf_counter()
         stored = client.compute(
             da.store(list(results.values()), targets, lock=False, compute=False)
@@ -149,8 +154,6 @@ def run(args: argparse.Namespace) -> int:
         client.gather(stored)  # re-raises a task's error
         seconds = time.perf_counter() - start
         peaks = peak_memory(client)
-    if cluster is not None:
-        cluster.close()
     report = {
         "seconds": seconds,
         "peak_memory_per_worker": peaks,

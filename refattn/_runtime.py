@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from ._backend import is_numpy_namespace, itemsize
 
 __all__ = [
+    "fix_malloc_thresholds",
     "matmul",
     "matmul_scratch",
     "n_threads",
@@ -127,6 +128,37 @@ def prime_allocator() -> bool:
         return False
     libc.free(block)
     return True
+
+
+@functools.cache
+def fix_malloc_thresholds() -> bool:
+    """Fix glibc's mmap threshold at 16 MiB and trim threshold at 32 MiB in this process, once.
+
+    For processes whose thresholds are fixed low, where :func:`prime_allocator` cannot help:
+    Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` on every worker, and setting any glibc
+    threshold turns the dynamic ones off, so each tile-sized temporary is mapped, page-faulted
+    and unmapped again, and the heap is trimmed after almost every free (docs/distributed.md
+    has the measurement). 16 and 32 MiB are where glibc's dynamic rule would take them after
+    the priming block. Called by refattn.distributed's tasks; nothing happens where
+    ``MALLOC_MMAP_THRESHOLD_`` is set, on other C libraries, or with ``REFATTN_MALLOC_PRIME=0``.
+    Returns whether the thresholds were set.
+    """
+    if os.environ.get("REFATTN_MALLOC_PRIME", "1") == "0" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.restype, mallopt.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_int]
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    trim = mallopt(m_trim_threshold, 2 * _MALLOC_PRIME_BYTES)
+    return bool(mallopt(m_mmap_threshold, _MALLOC_PRIME_BYTES) and trim)
 
 
 def parallel_map(xp: ModuleType, fn: Callable[[T], R], items: Sequence[T] | Iterable[T]) -> list[R]:

@@ -12,10 +12,9 @@ Importing :mod:`refattn` does not import this package, nor Dask.
 """
 
 from .attention import scaled_dot_product_attention, sdpa_backward, vjp
-from .cluster import WORKER_ENVIRONMENT, local_cluster, peak_memory
+from .cluster import local_cluster, peak_memory
 
 __all__ = [
-    "WORKER_ENVIRONMENT",
     "local_cluster",
     "peak_memory",
     "scaled_dot_product_attention",

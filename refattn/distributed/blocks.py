@@ -2,7 +2,10 @@ r"""The work of one task: a (query block, key block) pair, and the merges of its
 
 Plain array code, no Dask: each function takes and returns chunks (NumPy, CuPy or any array-API
 array), so that a task's arithmetic is refattn's own tiled kernel
-(:mod:`refattn.ops.sdpa.tiled`) and can be tested without a cluster.
+(:mod:`refattn.ops.sdpa.tiled`) and can be tested without a cluster. The pair functions fix
+glibc's mmap threshold in the process that runs them, once
+(:func:`refattn._runtime.fix_malloc_thresholds`: Dask's workers otherwise map and fault every
+temporary).
 
 Notation: the whole problem has ``n_q`` queries and ``n_k`` keys; a pair is query rows
 ``[r_0, r_0 + b_q)`` against keys ``[c_0, c_0 + b_k)``. The causal rule "key ``j`` is visible to
@@ -49,7 +52,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._backend import namespace
-from .._runtime import serial
+from .._runtime import fix_malloc_thresholds, serial
 from ..ops.sdpa import tiled
 from ..ops.sdpa.plan import EMPTY, FULL, Pattern
 from ..ops.sdpa.problem import Problem, prepare
@@ -152,6 +155,7 @@ def pair_forward(
     ``key_lengths``, one length per batch element, flattened). Rows that see no key of the pair
     have ``O = 0`` and ``lse = -inf``.
     """
+    fix_malloc_thresholds()
     pb = _problem(
         q, k, v, delta=delta, c0=c0, key_lengths=key_lengths, scale=scale, block_size=block_size
     )
@@ -210,6 +214,7 @@ def pair_backward(
     like their LSE. The tiled backward recomputes ``P = exp(S - lse)`` tile by tile and takes
     ``Δ = rowsum(d_o ∘ o)`` from ``o`` (module docstring).
     """
+    fix_malloc_thresholds()
     pb = _problem(
         q, k, v, delta=delta, c0=c0, key_lengths=key_lengths, scale=scale, block_size=block_size
     )

@@ -1,27 +1,16 @@
-"""Workers for refattn's graphs: the environment they need, and a local cluster that has it.
+"""A local cluster for refattn's graphs, and the workers' peak memory.
 
-A task of :mod:`refattn.distributed.attention` is one (query block, key block) pair of the tiled
-kernel, which allocates and frees tile-sized temporaries (a few MiB) many times over. glibc
-keeps such blocks for reuse only while its mmap threshold is dynamic, and Dask's nanny fixes
-it for every worker: it sets ``MALLOC_TRIM_THRESHOLD_`` (to return memory to the system
-eagerly), and setting any of glibc's thresholds turns the dynamic one off, so each temporary
-above 128 KiB is mapped, page-faulted and unmapped again (:func:`refattn._runtime.prime_allocator`
-explains the same effect in one process). :data:`WORKER_ENVIRONMENT` fixes the mmap threshold at
-16 MiB instead, with the trim threshold twice that, the values glibc's own dynamic rule would
-reach; docs/distributed.md has the measurement and how to set it on other clusters.
+Nothing here is needed on other clusters: any Dask cluster runs the graphs. The one setting a
+worker needs, glibc's mmap threshold (Dask's nanny fixes it low), the tasks make themselves
+(:func:`refattn._runtime.fix_malloc_thresholds`), since Nanny's ``env`` is applied after the worker
+process has started, too late for glibc, which reads ``MALLOC_*`` when the process starts.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["WORKER_ENVIRONMENT", "local_cluster", "peak_memory"]
-
-#: environment variables for Dask workers that run refattn tasks (see the module docstring)
-WORKER_ENVIRONMENT = {
-    "MALLOC_MMAP_THRESHOLD_": str(16 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(32 * 2**20),
-}
+__all__ = ["local_cluster", "peak_memory"]
 
 
 def local_cluster(
@@ -35,17 +24,15 @@ def local_cluster(
     One thread per worker because each task runs refattn's kernels serially; parallelism is
     the cluster's. ``memory_limit`` is per worker (Dask pauses, then restarts, a worker above
     it). The scheduler's HTTP server (and with bokeh, the dashboard) takes a free port. Other
-    keyword arguments go to ``LocalCluster``; the workers get :data:`WORKER_ENVIRONMENT`.
+    keyword arguments go to ``LocalCluster``.
     """
     from distributed import LocalCluster
 
-    env = {**WORKER_ENVIRONMENT, **kwargs.pop("env", {})}
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=1,
         processes=True,
         memory_limit=memory_limit,
-        env=env,
         **{"dashboard_address": ":0", **kwargs},
     )
 

@@ -29,6 +29,17 @@ from refattn.distributed import blocks  # noqa: E402
 RTOL64 = 1e-13
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _restore_environment():
+    """Dask's nanny writes its worker variables (``MALLOC_TRIM_THRESHOLD_``, ``OMP_NUM_THREADS``
+    ...) into this process's ``os.environ`` before spawning and leaves them there; later tests
+    that start subprocesses (the malloc probes of test_backend.py) must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     """Max-norm error relative to ``b``'s max-norm, on the entries where ``b`` is finite; the
     non-finite entries (``lse = -inf`` rows) must match exactly."""

@@ -7,7 +7,7 @@ The public API::
     refattn.Op, refattn.vjp, refattn.gradcheck, refattn.GradcheckError
 """
 
-from . import testing
+from . import interpret, testing
 from ._op import Op, registered_ops, vjp
 from ._version import __version__
 from .dynamic import DynamicAttention
@@ -80,6 +80,7 @@ __all__ = [
     "init_multiplicative_attention",
     "init_transformer_decoder_layer",
     "init_transformer_encoder_layer",
+    "interpret",
     "layer_norm",
     "learned_positions",
     "linear",

@@ -237,9 +237,18 @@ def mha_forward(
 
 
 def mha_backward(
-    saved: MHASaved, dy: Array | None, d_weights: Array | None = None
+    saved: MHASaved,
+    dy: Array | None,
+    d_weights: Array | None = None,
+    *,
+    head_cotangents: list[Array] | None = None,
 ) -> tuple[Params, Array, Array, Array]:
-    """``(dparams, dquery, dkey, dvalue)`` of :func:`mha_forward` (see :func:`_mha_bwd`)."""
+    """``(dparams, dquery, dkey, dvalue)`` of :func:`mha_forward` (see :func:`_mha_bwd`).
+
+    ``head_cotangents``, if a list, gets the cotangent of the heads' attention output
+    ``(*lead, H, n_q, hd)`` appended: what :mod:`refattn.interpret` turns into the weights'
+    cotangents ``dO V^T`` and head importances (torch users get it with ``retain_grad``).
+    """
     xp, params = saved.xp, saved.params
     if dy is None:
         dy = xp.zeros_like(saved.o_merged)
@@ -247,6 +256,8 @@ def mha_backward(
     g_out, d_om = affine_backward(xp, params["out"], saved.o_merged, dy)
     # un-merge the heads: (*lead, n_q, H * hd) -> (*lead, H, n_q, hd), a strided view
     d_o = split_heads(xp, d_om, saved.n_heads, saved.head_dim)
+    if head_cotangents is not None:
+        head_cotangents.append(d_o)
     cotangent = (d_o, d_weights) if saved.sdpa_options["return_weights"] else d_o
     del d_om, d_o  # (the cotangent keeps them while needed)
     d_qkv = list(_sdpa.apply_backward(saved.sdpa_saved, cotangent, **saved.sdpa_options))

@@ -135,9 +135,11 @@ def _self_attention_fwd(
     return y, saved
 
 
-def _self_attention_bwd(saved: Any, dy: Array) -> tuple[Params, Array]:
+def _self_attention_bwd(
+    saved: Any, dy: Array, head_cotangents: list[Array] | None = None
+) -> tuple[Params, Array]:
     """Self-attention used its input three times: the input gradient is the sum of the three."""
-    grads, dq, dk, dv = mha_backward(saved, dy)
+    grads, dq, dk, dv = mha_backward(saved, dy, head_cotangents=head_cotangents)
     dq += dk  # dq is mha_backward's own fresh array
     dq += dv
     return grads, dq
@@ -318,8 +320,11 @@ def encoder_forward(
     return y, (xp, params, norm_first, activation, drops, sa, ln1, ff, ln2)
 
 
-def encoder_backward(saved: Any, dy: Array) -> tuple[Params, Array]:
-    """``(dparams, dx)`` of :func:`encoder_forward` (see :func:`_encoder_bwd`)."""
+def encoder_backward(
+    saved: Any, dy: Array, *, head_cotangents: list[Array] | None = None
+) -> tuple[Params, Array]:
+    """``(dparams, dx)`` of :func:`encoder_forward` (see :func:`_encoder_bwd`);
+    ``head_cotangents`` as in :func:`~refattn.layers.attention.mha_backward`."""
     xp, params, norm_first, activation, drops, sa, ln1, ff, ln2 = saved
     if norm_first:
         # y = h1 + D2 FF(n2), n2 = LN2(h1)
@@ -327,7 +332,7 @@ def encoder_backward(saved: Any, dy: Array) -> tuple[Params, Array]:
         g_n2, dh1_ln = layer_norm_backward(xp, params["norm2"], ln2, dn2)
         dh1 = dy + dh1_ln
         # h1 = x + D1 SA(n1), n1 = LN1(x)
-        g_sa, dn1 = _self_attention_bwd(sa, _times(dh1, drops["dropout1"]))
+        g_sa, dn1 = _self_attention_bwd(sa, _times(dh1, drops["dropout1"]), head_cotangents)
         g_n1, dx_ln = layer_norm_backward(xp, params["norm1"], ln1, dn1)
         dx = dh1 + dx_ln
     else:
@@ -339,7 +344,7 @@ def encoder_backward(saved: Any, dy: Array) -> tuple[Params, Array]:
         dy1 = dh2 + dy1_ff
         # y1 = LN1(h1), h1 = x + D1 SA(x)
         g_n1, dh1 = layer_norm_backward(xp, params["norm1"], ln1, dy1)
-        g_sa, dx_sa = _self_attention_bwd(sa, _times(dh1, drops["dropout1"]))
+        g_sa, dx_sa = _self_attention_bwd(sa, _times(dh1, drops["dropout1"]), head_cotangents)
         dx = dh1 + dx_sa
     grads = {
         "self_attn": g_sa,

@@ -30,6 +30,7 @@ _PLUGINS = {
     "vectors": ("refattn.vectors", "export or verify golden vectors"),
     "compare": ("refattn.compare", "check a framework's attention against refattn"),
     "reference": ("refattn._reference_cli", "float64 output and gradients of .npy inputs on Dask"),
+    "plot": ("refattn._plot_cli", "PNG figures: the mechanisms side by side, or a user's weights"),
 }
 
 

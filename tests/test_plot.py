@@ -109,3 +109,29 @@ def test_cli_plot_bad_input(tmp_path, capsys, arrays, words):
     assert main(["plot", "weights", str(tmp_path / "w.npz"), "--out", str(tmp_path)]) == 2
     assert words in capsys.readouterr().err
     assert main(["plot", "weights", str(tmp_path / "none.npz"), "--out", str(tmp_path)]) == 2
+
+
+def test_cli_plot_encoder_state_dict_matches_torch(tmp_path):
+    """A torch nn.TransformerEncoder's state_dict: the weights drawn are torch's own."""
+    torch = pytest.importorskip("torch")
+    from refattn._plot_cli import _encoder_layers
+    from refattn.cli import main
+    from refattn.interpret import encoder_attention_gradients
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).double().eval()
+    torch.save(model.state_dict(), tmp_path / "enc.pt")
+    x = np.random.default_rng(4).standard_normal((5, 8))
+    np.save(tmp_path / "x.npy", x)
+    argv = ["plot", "encoder", str(tmp_path / "enc.pt"), "--x", str(tmp_path / "x.npy")]
+    assert main([*argv, "--n-heads", "2", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "grid.png").stat().st_size > 5_000
+    layers = _encoder_layers(torch.load(tmp_path / "enc.pt", weights_only=True))
+    res = encoder_attention_gradients(layers, x, np.zeros_like(x), n_heads=2)
+    h = torch.tensor(x)[None]
+    for i, mod in enumerate(model.layers):
+        _, a = mod.self_attn(h, h, h, need_weights=True, average_attn_weights=False)
+        np.testing.assert_allclose(res.weights[i], a[0].detach().numpy(), rtol=1e-12, atol=1e-15)
+        h = mod(h)
+    np.testing.assert_allclose(res.output, h[0].detach().numpy(), rtol=1e-12, atol=1e-13)

@@ -206,3 +206,17 @@ def all_true(xp: ModuleType, x: Array) -> bool:
 def device_of(x: Array) -> Any:
     """The device ``x`` lives on (array-api-compat's ``device``)."""
     return array_api_compat.device(x)
+
+
+def host_float64(x: Any) -> Any:
+    """A float64 NumPy copy of ``x`` from any backend (CuPy through ``.get()``, others through
+    DLPack, plain sequences through ``numpy.asarray``): for work that runs on the host
+    (gradcheck's Jacobians, max-flow, figures)."""
+    import numpy as np
+
+    if hasattr(x, "get"):  # CuPy
+        x = x.get()
+    try:
+        return np.asarray(np.from_dlpack(x), dtype=np.float64)
+    except (TypeError, AttributeError, BufferError, RuntimeError):
+        return np.asarray(x, dtype=np.float64)

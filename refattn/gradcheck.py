@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _tree
+from ._backend import host_float64 as _host
 from ._backend import namespace, real_number
 from ._op import Op, vjp
 
@@ -187,18 +188,6 @@ def _output_leaves(out: Any) -> list[Any]:
 
 def _flat(xp: Any, x: Any) -> Any:
     return xp.reshape(x, (-1,))
-
-
-def _host(x: Any) -> Any:
-    """A float64 NumPy copy of ``x`` (gradcheck compares Jacobians on the host)."""
-    import numpy as np
-
-    if hasattr(x, "get"):  # CuPy
-        x = x.get()
-    try:
-        return np.asarray(np.from_dlpack(x), dtype=np.float64)
-    except (TypeError, AttributeError, BufferError, RuntimeError):
-        return np.asarray(x, dtype=np.float64)
 
 
 def _perturbed(primals: tuple[Any, ...], p: int, leaf: int, new_leaf: Any) -> tuple[Any, ...]:

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np  # figures are drawn on the host
 
+from ._backend import host_float64
+
 __all__ = ["entropy_plot", "head_grid", "heatmap", "mechanisms", "rollout_map"]
 
 Array = Any
@@ -28,7 +30,7 @@ def _figure(**kw: Any) -> Any:
 
 
 def _host2d(name: str, x: Array) -> np.ndarray:
-    a = np.asarray(x.get() if hasattr(x, "get") else x, dtype=np.float64)
+    a = host_float64(x)
     if a.ndim != 2:
         raise ValueError(f"refattn.plot: {name} must be a 2-d (n_q, n_k) map, got shape {a.shape}")
     if not np.all(np.isfinite(a)):
@@ -72,9 +74,7 @@ def head_grid(
 ) -> Any:
     """A layers × heads grid of heatmaps: ``weights_per_layer`` is (L, H, n, n) (or a sequence
     of L ``(H, n, n)`` arrays), one shared colour scale and colorbar."""
-    layers = [
-        np.asarray(w.get() if hasattr(w, "get") else w, dtype=np.float64) for w in weights_per_layer
-    ]
+    layers = [host_float64(w) for w in weights_per_layer]
     if not layers or any(w.ndim != 3 for w in layers):
         raise ValueError(
             "refattn.plot.head_grid: expected (L, H, n, n) weights (one batch element)"
@@ -101,12 +101,12 @@ def head_grid(
 def entropy_plot(per_head: Array, per_layer: Array | None = None) -> Any:
     """Entropy by layer: one line per head (thin) and the mean over heads (thick), from
     :func:`refattn.interpret.entropy_by_layer`'s ``(L, H)`` and ``(L,)``."""
-    ph = np.asarray(per_head.get() if hasattr(per_head, "get") else per_head, dtype=np.float64)
+    ph = host_float64(per_head)
     if ph.ndim != 2:
         raise ValueError(
             f"refattn.plot.entropy_plot: per_head must be (L, H), got shape {ph.shape}"
         )
-    mean = ph.mean(axis=1) if per_layer is None else np.asarray(per_layer, dtype=np.float64)
+    mean = ph.mean(axis=1) if per_layer is None else host_float64(per_layer)
     fig = _figure(figsize=(6.5, 3.5), layout="constrained")
     ax = fig.add_subplot()
     layers = np.arange(ph.shape[0])

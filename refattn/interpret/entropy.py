@@ -46,16 +46,13 @@ def _check(
         if not hasattr(where, "dtype") or where.dtype != xp.bool:
             raise TypeError(f"refattn.{op}: where must be a bool array, got {describe(where)}")
         try:
-            xp.broadcast_shapes(tuple(where.shape), tuple(weights.shape))
+            shape = xp.broadcast_shapes(tuple(where.shape), tuple(weights.shape))
         except ValueError:
+            shape = None
+        if shape != tuple(weights.shape):
             raise ValueError(
                 f"refattn.{op}: where of shape {tuple(where.shape)} does not broadcast to "
                 f"weights of {describe(weights)}"
-            ) from None
-        if xp.broadcast_shapes(tuple(where.shape), tuple(weights.shape)) != tuple(weights.shape):
-            raise ValueError(
-                f"refattn.{op}: where of shape {tuple(where.shape)} would enlarge weights of "
-                f"{describe(weights)}"
             )
     if not isinstance(check_rows, bool):
         raise TypeError(f"refattn.{op}: check_rows must be a bool, got {check_rows!r}")

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np  # flow runs on the host: networkx works on Python floats
 
-from .._backend import device_of
+from .._backend import device_of, host_float64
 from .rollout import _augment, _fuse, check_layers, check_options
 
 __all__ = ["attention_flow"]
@@ -102,13 +102,11 @@ def attention_flow(
         raise TypeError(f"refattn.{op}: normalize must be a bool, got {normalize!r}")
     xp, layers = check_layers(op, weights_per_layer)
     nx = _networkx()
-    mats = [
-        np.asarray(_to_host(_augment(xp, _fuse(xp, w, head_fusion, 0.0)[0], r)[0])) for w in layers
-    ]
+    mats = [host_float64(_augment(xp, _fuse(xp, w, head_fusion, 0.0)[0], r)[0]) for w in layers]
     lead, n = mats[0].shape[:-2], mats[0].shape[-1]
     out = np.zeros((*lead, n, n))
     for index in np.ndindex(*lead):
-        graph = layer_graph([np.asarray(m[index], dtype=np.float64) for m in mats])
+        graph = layer_graph([m[index] for m in mats])
         top = len(mats)
         for i in range(n):
             for j in range(n):
@@ -117,8 +115,3 @@ def attention_flow(
         total = out.sum(axis=-1, keepdims=True)
         out = np.divide(out, total, out=np.zeros_like(out), where=total > 0)
     return xp.asarray(out, dtype=layers[0].dtype, device=device_of(layers[0]))
-
-
-def _to_host(x: Array) -> np.ndarray:
-    """A host NumPy copy (CuPy arrays through ``.get()``)."""
-    return x.get() if hasattr(x, "get") else np.asarray(x)

@@ -366,3 +366,119 @@ def test_dot_needs_equal_widths(xp):
     query, keys = randn(xp, (2, 3), seed=0), randn(xp, (2, 5, 4), seed=1)
     with pytest.raises(ValueError, match="method='dot' needs d_q == d_h"):
         multiplicative_attention({}, query, keys, method="dot")
+
+
+# ----------------------------------------------------------------------------- Luong local
+
+
+def _local_setup(xp, method="general", local="m", n=11, batch=3, seed=5):
+    d_q = 4 if method == "dot" else 3
+    params = init_multiplicative_attention(4, d_q, method=method, local=local, seed=seed, xp=xp)
+    query = randn(xp, (batch, d_q), seed=seed + 1)
+    return params, query, randn(xp, (batch, n, 4), seed=seed + 2)
+
+
+@pytest.mark.parametrize("method", ["dot", "general", "concat"])
+def test_local_m_is_global_attention_under_the_window_mask(xp, method):
+    """local-m is the global softmax restricted to |j - p| <= D: the same as masking by hand,
+    for outputs and every gradient, and a window wider than the sequence changes nothing."""
+    params, query, keys = _local_setup(xp, method, "m")
+    position, window = np.array([0, 5, 13]), 2  # the last window lies partly past the end
+    by_hand = xp.asarray(np.abs(np.arange(11) - position[:, None]) <= window)
+    options = {"method": method}
+    cot = (randn(xp, (3, 4), seed=20), randn(xp, (3, 11), seed=21))
+    out_l, pb_l = refattn.vjp(
+        multiplicative_attention, params, query, keys, local="m", window=window,
+        position=xp.asarray(position), **options,
+    )  # fmt: skip
+    out_g, pb_g = refattn.vjp(
+        multiplicative_attention, params, query, keys, mask=by_hand, **options
+    )
+    for a, b in zip(
+        refattn._tree.leaves((out_l, pb_l(cot))),
+        refattn._tree.leaves((out_g, pb_g(cot))),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    assert np.all(to_numpy(out_l[1])[~to_numpy(by_hand)] == 0.0)
+    wide = multiplicative_attention(
+        params, query, keys, local="m", window=11, position=5, **options
+    )
+    plain = multiplicative_attention(params, query, keys, **options)
+    np.testing.assert_allclose(to_numpy(wide[1]), to_numpy(plain[1]), rtol=1e-15, atol=0)
+
+
+def test_local_p_weights_are_window_softmax_times_gaussian(xp):
+    """The weights over the window, divided by the Gaussian, are a softmax of the scores (sum 1,
+    ratios exp(e_i - e_j)); outside the window they are exactly 0; the Gaussian is centred on
+    p = S sigmoid(v_p^T tanh(W_p s)) computed here from the parameters in NumPy."""
+    params, query, keys = _local_setup(xp, "dot", "p")
+    window, lengths = 3, np.array([11, 7, 4])
+    _, weights = multiplicative_attention(
+        params, query, keys, local="p", window=window, source_length=xp.asarray(lengths)
+    )
+    w, s, h = to_numpy(weights), to_numpy(query), to_numpy(keys)
+    wp, vp = to_numpy(params["W_p"]["weight"]), to_numpy(params["v_p"]["weight"])
+    p = lengths / (1.0 + np.exp(-(np.tanh(s @ wp) @ vp)[:, 0]))
+    j = np.arange(11)
+    inside = np.abs(j - p[:, None]) <= window
+    gauss = np.exp(-((j - p[:, None]) ** 2) / (2 * (window / 2) ** 2))
+    e = np.einsum("bnd,bd->bn", h, s)
+    assert np.all(w[~inside] == 0.0) and np.all(inside.any(axis=1))
+    for b in range(3):
+        a = w[b, inside[b]] / gauss[b, inside[b]]
+        want = np.exp(e[b, inside[b]] - e[b, inside[b]].max())
+        np.testing.assert_allclose(a, want / want.sum(), rtol=1e-13)
+
+
+def test_local_empty_window_is_a_fully_masked_row(xp):
+    """A window that misses the sequence (or meets only masked keys) keeps nothing: zero
+    weights, zero context and zero gradients for that row, the others untouched."""
+    params, query, keys = _local_setup(xp, "general", "m")
+    position = xp.asarray(np.array([3, -9, 5]))
+    (ctx, w), pullback = refattn.vjp(
+        multiplicative_attention, params, query, keys, method="general", local="m", window=2,
+        position=position,
+    )  # fmt: skip
+    assert np.all(to_numpy(w)[1] == 0.0) and np.all(to_numpy(ctx)[1] == 0.0)
+    _, d_query, d_keys = pullback((xp.ones_like(ctx), xp.ones_like(w)))
+    assert np.all(to_numpy(d_query)[1] == 0.0) and np.all(to_numpy(d_keys)[1] == 0.0)
+    assert np.all(to_numpy(d_query)[[0, 2]] != 0.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"local": "q", "window": 2}, ValueError, "local must be None, 'm' or 'p'"),
+        ({"local": "m", "position": 1}, ValueError, "needs window D"),
+        ({"local": "m", "window": -1, "position": 1}, ValueError, "an int >= 0"),
+        ({"local": "p", "window": 0}, ValueError, "an int >= 1"),
+        ({"local": "m", "window": 2}, ValueError, "local='m' needs position"),
+        ({"local": "m", "window": 2, "position": 1.5}, TypeError, "position must be an int"),
+        ({"local": "m", "window": 2, "position": np.arange(4)}, ValueError, "position of shape"),
+        ({"local": "p", "window": 2, "position": 3}, ValueError, "position must be None"),
+        ({"local": "p", "window": 2, "source_length": 0}, ValueError, "source_length must be"),
+        ({"window": 2}, ValueError, "window is given but local is None"),
+        ({"local": "m", "window": 2, "position": 1, "source_length": 4}, ValueError, "not 'p'"),
+    ],
+)
+def test_local_bad_options(options, error, match):
+    params, query, keys = _local_setup(np, "general", "p")
+    if options.get("local") != "p":
+        params = {"W": params["W"]}
+    with pytest.raises(error, match=match):
+        multiplicative_attention(params, query, keys, method="general", **options)
+
+
+def test_local_p_parameters_are_required_and_checked():
+    params, query, keys = _local_setup(np, "general", "p")
+    with pytest.raises(ValueError, match="'v_p' is missing"):
+        multiplicative_attention(
+            {"W": params["W"], "W_p": params["W_p"]}, query, keys, method="general",
+            local="p", window=2,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"unexpected parameter\(s\) \['W_p', 'v_p'\]"):
+        multiplicative_attention(params, query, keys, method="general")
+    bad = dict(params, v_p={"weight": np.ones((4, 2))})
+    with pytest.raises(ValueError, match=r"v_p\.weight"):
+        multiplicative_attention(bad, query, keys, method="general", local="p", window=2)

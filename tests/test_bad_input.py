@@ -288,6 +288,14 @@ CASES = [
         ValueError,
         ("method",),
     ),
+    Bad(
+        "luong local-m position",
+        lambda _: refattn.multiplicative_attention(
+            MUL, X[:, 0], X, method="general", local="m", window=1, position=np.ones(2)
+        ),
+        TypeError,
+        ("position", "integer"),
+    ),
     Bad("rope odd width", lambda _: refattn.rope(X[..., :7]), ValueError, ("x",)),
     Bad(
         "rope positions",

@@ -149,7 +149,29 @@ def _torch_luong(torch, primals, options):
         concat = torch.cat([hidden_states, query_expanded], dim=2)
         hidden = torch.tanh(_torch_linear(torch, params["W"], concat))
         energy = _torch_linear(torch, params["v"], hidden).squeeze(-1)
-    return _torch_attend(torch, energy, hidden_states, options.get("mask"))
+    local = options.get("local")
+    if local is None:
+        return _torch_attend(torch, energy, hidden_states, options.get("mask"))
+    # Luong section 3.2: a window [p - D, p + D]; local-p predicts p and multiplies the window's
+    # softmax by a Gaussian with sigma = D/2.
+    window = options["window"]
+    if local == "m":
+        p = options["position"].to(torch.float64) * torch.ones(query.shape[0], dtype=torch.float64)
+    else:
+        length = options.get("source_length", hidden_states.size(1))
+        length = torch.as_tensor(length, dtype=torch.float64)
+        hidden_p = torch.tanh(_torch_linear(torch, params["W_p"], query))
+        p = length * torch.sigmoid(_torch_linear(torch, params["v_p"], hidden_p).squeeze(-1))
+    j = torch.arange(hidden_states.size(1), dtype=torch.float64)
+    keep = (j - p.unsqueeze(1)).abs() <= window
+    if options.get("mask") is not None:
+        keep = keep & options["mask"]
+    context, attention = _torch_attend(torch, energy, hidden_states, keep)
+    if local == "m":
+        return context, attention
+    sigma = window / 2
+    attention = attention * torch.exp(-((j - p.unsqueeze(1)) ** 2) / (2 * sigma**2))
+    return torch.bmm(attention.unsqueeze(1), hidden_states).squeeze(1), attention
 
 
 # ----------------------------------------------------------------------------- case factories
@@ -215,7 +237,9 @@ def _affine(rng, d_in, d_out, bias):
     return params
 
 
-def _attention_make(kind, d_h=4, d_q=3, d_attn=5, n=4, batch=2, bias=False, mask=None):
+def _attention_make(
+    kind, d_h=4, d_q=3, d_attn=5, n=4, batch=2, bias=False, mask=None, local=None, window=None
+):
     def make(rng: np.random.Generator):
         if kind == "additive":
             params = {
@@ -243,6 +267,14 @@ def _attention_make(kind, d_h=4, d_q=3, d_attn=5, n=4, batch=2, bias=False, mask
             if mask == "fully_masked_row":
                 keep[1, :] = False
             options["mask"] = keep
+        if local is not None:
+            options.update(local=local, window=window)
+        if local == "m":  # one position outside [0, n): the window keeps what overlaps
+            options["position"] = np.array([1, n + 1])[:batch]
+        elif local == "p":
+            params["W_p"] = _affine(rng, query.shape[1], 3, bias)
+            params["v_p"] = _affine(rng, 3, 1, bias)
+            options["source_length"] = np.array([n, n - 2])[:batch]
         return (params, query, keys), options
 
     return make
@@ -315,6 +347,24 @@ _CASES = [
         _torch_luong,
     ),
     (multiplicative_attention, "concat", _attention_make("concat", bias=True), _torch_luong),
+    (
+        multiplicative_attention,
+        "local_m_general_mask",
+        _attention_make("general", n=9, mask="some", local="m", window=2),
+        _torch_luong,
+    ),
+    (
+        multiplicative_attention,
+        "local_p_dot",
+        _attention_make("dot", n=9, local="p", window=2),
+        _torch_luong,
+    ),
+    (
+        multiplicative_attention,
+        "local_p_concat_bias_mask",
+        _attention_make("concat", n=9, bias=True, mask="some", local="p", window=3),
+        _torch_luong,
+    ),
     (
         multiplicative_attention,
         "concat_fully_masked_row",

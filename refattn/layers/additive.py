@@ -18,6 +18,10 @@ Luong ``"general"``    :math:`h_j^\top (W s)`                                ``W
 Luong ``"concat"``     :math:`v^\top \tanh(W [h_j; s])`                      ``W, v``
 =====================  ====================================================  ==================
 
+Luong's local attention (``local="m"`` at a given position, ``local="p"`` at a predicted one,
+with a Gaussian) restricts any of the three Luong scores to a window; see
+:func:`multiplicative_attention`.
+
 Parameters follow refattn's convention (see :mod:`refattn.layers.basic`): an affine map is
 ``{"weight": (d_in, d_out), "bias"?: (d_out,)}`` used as ``x @ weight + bias``, the transpose of
 ``nn.Linear.weight``. ``v`` is an affine map **without bias**, ``{"weight": (d_attn, 1)}`` (the
@@ -40,7 +44,7 @@ from typing import Any
 
 from .._backend import default_namespace, describe, device_of, namespace
 from .._op import Op
-from ..ops.softmax import check_mask, masked_softmax_parts, normalize
+from ..ops.softmax import check_broadcast, check_mask, masked_softmax_parts, normalize
 from .basic import (
     affine_backward,
     affine_forward,
@@ -251,72 +255,121 @@ def _like(params: Params, grads: Params) -> Params:
 
 
 def _luong_params(
-    op: str, xp: ModuleType, params: Any, method: Any, d_h: int, d_q: int, dtype: Any
+    op: str,
+    xp: ModuleType,
+    params: Any,
+    method: Any,
+    local: Any,
+    d_h: int,
+    d_q: int,
+    dtype: Any,
 ) -> None:
     if method not in LUONG_METHODS:
         raise ValueError(
             f"refattn.{op}: method must be one of {list(LUONG_METHODS)}, got {method!r}"
         )
+    extra = ("W_p", "v_p") if local == "p" else ()
     if method == "dot":
-        check_param_keys(op, params, (), "method='dot' (it has no parameters: pass {})")
+        check_param_keys(op, params, extra, "method='dot' (it has no parameters: pass {})")
         if d_q != d_h:
             raise ValueError(
                 f"refattn.{op}: method='dot' needs d_q == d_h, got query of width {d_q} and "
                 f"keys of width {d_h}; use method='general' to map between them"
             )
     elif method == "general":
-        check_param_keys(op, params, ("W",), "method='general'")
+        check_param_keys(op, params, ("W", *extra), "method='general'")
         check_affine(
             op, xp, get_subtree(op, params, "W", ""), "W", d_in=d_q, d_out=d_h, dtype=dtype
         )
     else:
-        check_param_keys(op, params, ("W", "v"), "method='concat'")
+        check_param_keys(op, params, ("W", "v", *extra), "method='concat'")
         _, d_attn = check_affine(
             op, xp, get_subtree(op, params, "W", ""), "W", d_in=d_h + d_q, d_out=None, dtype=dtype
         )
         _check_v(op, xp, params, d_attn, dtype)
+    if local == "p":
+        for key in extra:
+            if key not in params:
+                raise ValueError(
+                    f"refattn.{op}: local='p' needs parameters 'W_p' (d_q, d_p) and 'v_p' "
+                    f"(d_p, 1) for the predicted position; {key!r} is missing"
+                )
+        _, d_p = check_affine(
+            op, xp, get_subtree(op, params, "W_p", ""), "W_p", d_in=d_q, d_out=None, dtype=dtype
+        )
+        check_affine(
+            op, xp, get_subtree(op, params, "v_p", ""), "v_p", d_in=d_p, d_out=1, dtype=dtype
+        )
 
 
-def _multiplicative_attention_fwd(
-    params: Params,
-    query: Array,
-    keys: Array,
-    /,
-    *,
-    method: str = "dot",
-    mask: Array | None = None,
-) -> tuple[tuple[Array, Array], Any]:
-    r"""Multiplicative attention (Luong, Pham, Manning 2015), three score functions.
+def _check_positions(
+    op: str, xp: ModuleType, name: str, value: Any, batch: int, like: Array
+) -> Array:
+    """An int or an integer array broadcastable to ``(batch,)``, as ``like``'s float dtype."""
+    if isinstance(value, bool) or not (
+        isinstance(value, int) or (hasattr(value, "dtype") and xp.isdtype(value.dtype, "integral"))
+    ):
+        raise TypeError(
+            f"refattn.{op}: {name} must be an int or an integer array of shape ({batch},), "
+            f"got {describe(value)}"
+        )
+    if isinstance(value, int):
+        value = xp.asarray(value, device=device_of(like))
+    check_broadcast(f"{op}: {name}", value, (batch,))
+    return xp.astype(xp.broadcast_to(value, (batch,)), like.dtype)
 
-    .. math::
 
-        \texttt{"dot"}:\ e_j = h_j^\top s, \qquad
-        \texttt{"general"}:\ e_j = h_j^\top (W s + b), \qquad
-        \texttt{"concat"}:\ e_j = v^\top \tanh(W [h_j; s] + b),
+def _check_local(
+    op: str,
+    xp: ModuleType,
+    local: Any,
+    window: Any,
+    position: Any,
+    source_length: Any,
+    batch: int,
+    n: int,
+    like: Array,
+) -> tuple[Array | None, Array | None]:
+    """Validate Luong's local options; return ``(position, S)`` as float arrays (or None)."""
+    if local not in (None, "m", "p"):
+        raise ValueError(f"refattn.{op}: local must be None, 'm' or 'p', got {local!r}")
+    if local is None:
+        for name, value in (("window", window), ("position", position)):
+            if value is not None:
+                raise ValueError(f"refattn.{op}: {name} is given but local is None")
+        if source_length is not None:
+            raise ValueError(f"refattn.{op}: source_length is given but local is not 'p'")
+        return None, None
+    low = 1 if local == "p" else 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < low:
+        raise ValueError(
+            f"refattn.{op}: local={local!r} needs window D, an int >= {low} (the half-width of "
+            f"[p - D, p + D]{'; sigma = D/2' if local == 'p' else ''}), got {window!r}"
+        )
+    if local == "m":
+        if position is None:
+            raise ValueError(
+                f"refattn.{op}: local='m' needs position, the aligned source position p_t "
+                f"(an int or an integer array of shape ({batch},))"
+            )
+        if source_length is not None:
+            raise ValueError(f"refattn.{op}: source_length is given but local is not 'p'")
+        return _check_positions(op, xp, "position", position, batch, like), None
+    if position is not None:
+        raise ValueError(
+            f"refattn.{op}: local='p' predicts the position from the query; position must be None"
+        )
+    length = n if source_length is None else source_length
+    s = _check_positions(op, xp, "source_length", length, batch, like)
+    if not bool(xp.all(s >= 1)):
+        raise ValueError(f"refattn.{op}: source_length must be >= 1, got {describe(length)}")
+    return None, s
 
-    then :math:`\alpha = \mathrm{softmax}_{\mathrm{kept}}(e)`, :math:`c = \sum_j \alpha_j h_j`.
 
-    Parameters
-    ----------
-    params : dict
-        ``"dot"``: ``{}``. ``"general"``: ``{"W": affine (d_q, d_h)}`` (``s @ weight``; the
-        reference module has no bias). ``"concat"``: ``{"W": affine (d_h + d_q, d_attn),
-        "v": {"weight": (d_attn, 1)}}``; the rows of ``W.weight`` take ``[h_j; s]`` in that order
-        (keys first), as ``torch.cat([hidden_states, query], dim=2)`` in the reference module.
-    query : (batch, d_q)
-        ``d_q == d_h`` for ``"dot"``.
-    keys : (batch, n, d_h)
-    method : {"dot", "general", "concat"}
-    mask : bool, broadcastable to (batch, n), True = attend
-
-    Returns
-    -------
-    (context (batch, d_h), weights (batch, n))
-    """
-    op = "multiplicative_attention"
-    xp = namespace(query, keys, mask, *array_leaves(params))
-    _batch, _n, d_h, d_q = _check_inputs(op, xp, query, keys, mask)
-    _luong_params(op, xp, params, method, d_h, d_q, query.dtype)
+def _luong_energy(
+    xp: ModuleType, params: Params, method: str, query: Array, keys: Array
+) -> tuple[Array, Array | None, Array | None]:
+    """Luong's score ``e (batch, n)`` for ``method``, with what its backward needs."""
     t = s_proj = None
     if method == "dot":
         e = (keys @ query[:, :, None])[..., 0]
@@ -324,25 +377,32 @@ def _multiplicative_attention_fwd(
         s_proj = affine_forward(xp, params["W"], query)
         e = (keys @ s_proj[:, :, None])[..., 0]
     else:
+        d_h = int(keys.shape[2])
         weight = params["W"]["weight"]
         s_part = query @ weight[d_h:, :]
         if "bias" in params["W"]:
             s_part = s_part + params["W"]["bias"]
         z = xp.reshape(xp.reshape(keys, (-1, d_h)) @ weight[:d_h, :], (*keys.shape[:2], -1))
         e, t = _tanh_energy(xp, z + s_part[:, None, :], params["v"]["weight"])
-    context, alpha = _attend(xp, e, keys, mask)
-    return (context, alpha), (xp, params, query, keys, s_proj, t, alpha)
+    return e, s_proj, t
 
 
-def _multiplicative_attention_bwd(
-    residuals: Any, cotangent: Any, /, *, method: str = "dot"
+def _luong_energy_bwd(
+    xp: ModuleType,
+    params: Params,
+    method: str,
+    query: Array,
+    keys: Array,
+    s_proj: Array | None,
+    t: Array | None,
+    d_e: Array,
 ) -> tuple[Params, Array, Array]:
-    r"""VJP of multiplicative attention, from :math:`de` (:func:`_attend_bwd`).
+    r"""``(dparams, dquery, dkeys)`` of :func:`_luong_energy` from ``de``.
 
     .. math::
 
-        \texttt{"dot"}: &\quad dh_j \mathrel{+}= de_j\, s,\qquad ds = \textstyle\sum_j de_j h_j, \\
-        \texttt{"general"}: &\quad u = W s + b,\quad dh_j \mathrel{+}= de_j\, u,\quad
+        \texttt{"dot"}: &\quad dh_j = de_j\, s,\qquad ds = \textstyle\sum_j de_j h_j, \\
+        \texttt{"general"}: &\quad u = W s + b,\quad dh_j = de_j\, u,\quad
             du = \textstyle\sum_j de_j h_j, \\
             &\quad dW = s\, du^\top,\ db = \textstyle\sum_b du,\ ds = W\text{-weight}\; du, \\
         \texttt{"concat"}: &\quad dz_j = de_j\, v \circ (1 - t_j^2),\quad
@@ -350,19 +410,14 @@ def _multiplicative_attention_bwd(
             &\quad dW = \begin{bmatrix} \sum_{b,j} h_j dz_j^\top \\
             \sum_b s \,(\sum_j dz_j)^\top \end{bmatrix},\quad
             db = \textstyle\sum_{b,j} dz_j,\quad
-            dh_j \mathrel{+}= W_{[:d_h]}\, dz_j,\quad ds = W_{[d_h:]} \textstyle\sum_j dz_j .
+            dh_j = W_{[:d_h]}\, dz_j,\quad ds = W_{[d_h:]} \textstyle\sum_j dz_j .
     """
-    xp, params, query, keys, s_proj, t, alpha = residuals
-    d_e, d_keys = _attend_bwd(xp, alpha, keys, cotangent)
     if method == "dot":
-        d_keys = d_keys + d_e[:, :, None] * query[:, None, :]
-        d_query = (d_e[:, None, :] @ keys)[:, 0, :]
-        return {}, d_query, d_keys
+        return {}, (d_e[:, None, :] @ keys)[:, 0, :], d_e[:, :, None] * query[:, None, :]
     if method == "general":
-        d_keys = d_keys + d_e[:, :, None] * s_proj[:, None, :]
         d_u = (d_e[:, None, :] @ keys)[:, 0, :]
         g_w, d_query = affine_backward(xp, params["W"], query, d_u)
-        return _like(params, {"W": g_w}), d_query, d_keys
+        return {"W": g_w}, d_query, d_e[:, :, None] * s_proj[:, None, :]
     weight = params["W"]["weight"]
     d_h = int(keys.shape[2])
     d_z, d_v = _tanh_energy_bwd(xp, t, params["v"]["weight"], d_e)
@@ -373,9 +428,150 @@ def _multiplicative_attention_bwd(
     g_w: Params = {"weight": xp.concat([d_w_h, d_w_s], axis=0)}
     if "bias" in params["W"]:
         g_w["bias"] = xp.sum(d_s_part, axis=0)
-    d_keys = d_keys + d_z @ xp.matrix_transpose(weight[:d_h, :])
+    d_keys = d_z @ xp.matrix_transpose(weight[:d_h, :])
     d_query = d_s_part @ xp.matrix_transpose(weight[d_h:, :])
-    return _like(params, {"W": g_w, "v": {"weight": d_v}}), d_query, d_keys
+    return {"W": g_w, "v": {"weight": d_v}}, d_query, d_keys
+
+
+def _multiplicative_attention_fwd(
+    params: Params,
+    query: Array,
+    keys: Array,
+    /,
+    *,
+    method: str = "dot",
+    mask: Array | None = None,
+    local: str | None = None,
+    window: int | None = None,
+    position: Any = None,
+    source_length: Any = None,
+) -> tuple[tuple[Array, Array], Any]:
+    r"""Multiplicative attention (Luong, Pham, Manning 2015): three scores, global or local.
+
+    .. math::
+
+        \texttt{"dot"}:\ e_j = h_j^\top s, \qquad
+        \texttt{"general"}:\ e_j = h_j^\top (W s + b), \qquad
+        \texttt{"concat"}:\ e_j = v^\top \tanh(W [h_j; s] + b).
+
+    **Global** (``local=None``): :math:`\alpha = \mathrm{softmax}_{\mathrm{kept}}(e)`,
+    :math:`c = \sum_j \alpha_j h_j`.
+
+    **Local** (Luong §3.2) attends a window :math:`[p - D, p + D]` around an aligned source
+    position :math:`p`; positions are :math:`j = 0, \dots, n-1`:
+
+    * ``local="m"`` (monotonic): :math:`p` is given (``position``, Luong's :math:`p_t = t`),
+      :math:`\alpha = \mathrm{softmax}` over the kept positions with :math:`|j - p| \le D`.
+    * ``local="p"`` (predictive): :math:`p = S\,\sigma(v_p^\top \tanh(W_p s))` with the source
+      length :math:`S`, the window softmax :math:`a` as for ``"m"``, then the weights are
+      multiplied by a Gaussian centred on :math:`p`,
+      :math:`\alpha_j = a_j \exp(-(j - p)^2 / 2\sigma^2)` with :math:`\sigma = D/2`, as in the
+      paper (so they sum to less than 1; they are not renormalised).
+
+    The window's edges depend on :math:`p` through a comparison, which is piecewise constant:
+    :math:`p`'s gradient comes through the Gaussian only (as autograd of the same formula
+    gives). A row whose window and mask keep nothing follows the fully-masked-row rule.
+
+    Parameters
+    ----------
+    params : dict
+        ``"dot"``: ``{}``. ``"general"``: ``{"W": affine (d_q, d_h)}`` (``s @ weight``; the
+        reference module has no bias). ``"concat"``: ``{"W": affine (d_h + d_q, d_attn),
+        "v": {"weight": (d_attn, 1)}}``; the rows of ``W.weight`` take ``[h_j; s]`` in that order
+        (keys first), as ``torch.cat([hidden_states, query], dim=2)`` in the reference module.
+        ``local="p"`` adds ``"W_p": affine (d_q, d_p)`` and ``"v_p": affine (d_p, 1)`` (Luong's
+        have no bias; a bias is allowed here, since it moves :math:`p` rather than cancelling).
+    query : (batch, d_q)
+        ``d_q == d_h`` for ``"dot"``.
+    keys : (batch, n, d_h)
+    method : {"dot", "general", "concat"}
+    mask : bool, broadcastable to (batch, n), True = attend
+    local : {None, "m", "p"}
+    window : int
+        ``D``, for local attention: ``>= 0`` for ``"m"``, ``>= 1`` for ``"p"`` (σ = D/2).
+    position : int or integer array (batch,)
+        ``p`` for ``local="m"``; may lie outside ``[0, n)`` (the window then keeps what overlaps).
+    source_length : int or integer array (batch,), optional
+        ``S`` for ``local="p"``, default ``n``; per-sequence lengths of a padded batch.
+
+    Returns
+    -------
+    (context (batch, d_h), weights (batch, n))
+    """
+    op = "multiplicative_attention"
+    arrays = [a for a in (position, source_length) if hasattr(a, "shape")]
+    xp = namespace(query, keys, mask, *arrays, *array_leaves(params))
+    batch, n, d_h, d_q = _check_inputs(op, xp, query, keys, mask)
+    p_m, s_len = _check_local(op, xp, local, window, position, source_length, batch, n, query)
+    _luong_params(op, xp, params, method, local, d_h, d_q, query.dtype)
+    e, s_proj, t = _luong_energy(xp, params, method, query, keys)
+    if local is None:
+        context, alpha = _attend(xp, e, keys, mask)
+        return (context, alpha), (xp, params, query, keys, s_proj, t, alpha, None)
+    u = p = None
+    if local == "m":
+        p = p_m
+    else:
+        u = xp.tanh(affine_forward(xp, params["W_p"], query))
+        p = s_len / (1.0 + xp.exp(-affine_forward(xp, params["v_p"], u)[:, 0]))
+    j = xp.arange(n, dtype=query.dtype, device=device_of(query))
+    keep = xp.abs(j - p[:, None]) <= window
+    if mask is not None:
+        keep = keep & mask
+    context, a = _attend(xp, e, keys, keep)
+    if local == "m":
+        return (context, a), (xp, params, query, keys, s_proj, t, a, None)
+    sigma = window / 2.0
+    g = xp.exp(-((j - p[:, None]) ** 2) / (2.0 * sigma * sigma))
+    alpha = a * g
+    context = (alpha[:, None, :] @ keys)[:, 0, :]
+    local_p = (a, g, j, p, s_len, u, sigma)
+    return (context, alpha), (xp, params, query, keys, s_proj, t, alpha, local_p)
+
+
+def _multiplicative_attention_bwd(
+    residuals: Any, cotangent: Any, /, *, method: str = "dot"
+) -> tuple[Params, Array, Array]:
+    r"""VJP of multiplicative attention.
+
+    Global and ``local="m"``: :math:`de` from the softmax and the weighted sum
+    (:func:`_attend_bwd`, the window is part of the mask), then the score's backward
+    (:func:`_luong_energy_bwd`). ``local="p"``, with :math:`\alpha = a \circ g`,
+    :math:`g_j = \exp(-(j-p)^2/2\sigma^2)`, :math:`p = S\sigma(y)`,
+    :math:`y = v_p^\top u + b_{v_p}`, :math:`u = \tanh(W_p s + b_p)`:
+
+    .. math::
+
+        d\alpha^{tot}_j &= d\alpha_j + h_j \cdot dc,\qquad dh_j \mathrel{+}= \alpha_j\, dc, \\
+        da = d\alpha^{tot} \circ g,\quad
+        de &= a \circ (da - \textstyle\sum_j a_j da_j),\quad
+        dp = \textstyle\sum_j d\alpha^{tot}_j\, a_j g_j \,(j - p)/\sigma^2, \\
+        dy = dp\; p\,(1 - p/S),\quad
+        dv_p &= u\, dy,\quad du = v_p\, dy,\quad dz = du \circ (1 - u^2),\quad
+        dW_p = s\, dz^\top,\quad ds \mathrel{+}= W_p\, dz .
+    """
+    xp, params, query, keys, s_proj, t, alpha, local_p = residuals
+    if local_p is None:
+        d_e, d_keys = _attend_bwd(xp, alpha, keys, cotangent)
+        grads, d_query, dk_e = _luong_energy_bwd(xp, params, method, query, keys, s_proj, t, d_e)
+        return _like(params, grads), d_query, d_keys + dk_e
+    a, g, j, p, s_len, u, sigma = local_p
+    d_c, d_alpha = cotangent
+    if d_c is None:
+        d_c = xp.zeros((keys.shape[0], keys.shape[2]), dtype=keys.dtype, device=device_of(keys))
+    d_total = (keys @ d_c[:, :, None])[..., 0]
+    if d_alpha is not None:
+        d_total = d_total + d_alpha
+    d_keys = alpha[:, :, None] * d_c[:, None, :]
+    d_a = d_total * g
+    d_e = a * (d_a - xp.sum(a * d_a, axis=-1, keepdims=True))
+    d_p = xp.sum(d_total * alpha * (j - p[:, None]), axis=-1) / (sigma * sigma)
+    d_y = d_p * p * (1.0 - p / s_len)
+    g_vp, d_u = affine_backward(xp, params["v_p"], u, d_y[:, None])
+    g_wp, dq_p = affine_backward(xp, params["W_p"], query, d_u * (1.0 - u * u))
+    grads, d_query, dk_e = _luong_energy_bwd(xp, params, method, query, keys, s_proj, t, d_e)
+    grads.update({"W_p": g_wp, "v_p": g_vp})
+    return _like(params, grads), d_query + dq_p, d_keys + dk_e
 
 
 multiplicative_attention = Op(
@@ -430,6 +626,8 @@ def init_multiplicative_attention(
     method: str = "general",
     d_attn: int | None = None,
     bias: bool | None = None,
+    local: str | None = None,
+    d_p: int | None = None,
     seed: int = 0,
     xp: ModuleType | None = None,
     dtype: Any = "float64",
@@ -444,8 +642,11 @@ def init_multiplicative_attention(
       bias=False)``); ``d_attn`` defaults to ``d_h``.
 
     ``d_q`` defaults to ``d_h``; ``bias=None`` keeps the reference defaults above, True/False
-    forces ``W``'s bias. Values are ``U(-1/sqrt(d_in), 1/sqrt(d_in))`` drawn on the host with
-    ``numpy.random.default_rng(seed)`` and moved to ``xp`` (NumPy by default) as ``dtype``.
+    forces ``W``'s bias. ``local="p"`` adds Luong's position predictor, ``"W_p": (d_q, d_p)``
+    and ``"v_p": (d_p, 1)``, both without bias (``d_p`` defaults to ``d_h``), drawn after the
+    score's parameters; ``local="m"`` has no parameters of its own. Values are
+    ``U(-1/sqrt(d_in), 1/sqrt(d_in))`` drawn on the host with ``numpy.random.default_rng(seed)``
+    and moved to ``xp`` (NumPy by default) as ``dtype``.
     """
     import numpy as np  # host RNG for initial values only
 
@@ -457,17 +658,23 @@ def init_multiplicative_attention(
     d_h = check_size(fn, "d_h", d_h)
     d_q = d_h if d_q is None else check_size(fn, "d_q", d_q)
     d_attn = d_h if d_attn is None else check_size(fn, "d_attn", d_attn)
+    if local not in (None, "m", "p"):
+        raise ValueError(f"refattn.{fn}: local must be None, 'm' or 'p', got {local!r}")
+    d_p = d_h if d_p is None else check_size(fn, "d_p", d_p)
     xp = default_namespace() if xp is None else xp
     dt = resolve_dtype(xp, dtype)
     rng = np.random.default_rng(seed)
+    params: Params = {}
     if method == "dot":
         if d_q != d_h:
             raise ValueError(f"refattn.{fn}: method='dot' needs d_q == d_h, got {d_q} and {d_h}")
-        return {}
-    if method == "general":
-        return {"W": linear_params(xp, rng, d_q, d_h, bool(bias), dt)}
-    with_bias = True if bias is None else bool(bias)
-    return {
-        "W": linear_params(xp, rng, d_h + d_q, d_attn, with_bias, dt),
-        "v": linear_params(xp, rng, d_attn, 1, False, dt),
-    }
+    elif method == "general":
+        params["W"] = linear_params(xp, rng, d_q, d_h, bool(bias), dt)
+    else:
+        with_bias = True if bias is None else bool(bias)
+        params["W"] = linear_params(xp, rng, d_h + d_q, d_attn, with_bias, dt)
+        params["v"] = linear_params(xp, rng, d_attn, 1, False, dt)
+    if local == "p":
+        params["W_p"] = linear_params(xp, rng, d_q, d_p, False, dt)
+        params["v_p"] = linear_params(xp, rng, d_p, 1, False, dt)
+    return params

@@ -137,12 +137,13 @@ def test_torch_autograd_of_the_dense_masked_formula():
 
 
 def test_block_gemms_follow_nnz(monkeypatch):
-    """Forward: one score GEMM per listed block; backward: one score and one dP GEMM each."""
+    """The score GEMMs cover exactly the listed blocks (nnz * b^2 scores, forward and backward),
+    one GEMM per run of adjacent listed blocks in a block row (runs are merged into one tile)."""
     calls = []
     original = tiled.matmul_scratch
 
     def counting(xp, a, b, name):
-        calls.append(name)
+        calls.append((name, int(a.shape[-2]) * int(b.shape[-1])))
         return original(xp, a, b, name)
 
     monkeypatch.setattr(tiled, "matmul_scratch", counting)
@@ -151,12 +152,21 @@ def test_block_gemms_follow_nnz(monkeypatch):
     q, k, v, d_out = (rng.standard_normal((1, 1, n, 8)) for _ in range(4))
     layout = rng.random((16, 16)) < 0.1
     layout[np.arange(16), np.arange(16)] = True
+    layout[3, 4:9] = True  # a run of six blocks (3..8) in row 3
     nnz = int(layout.sum())
+    padded = np.pad(layout, ((0, 0), (1, 0)))
+    runs = int(np.sum(padded[:, 1:] & ~padded[:, :-1]))
+    assert runs < nnz < 16 * 16
+
+    def scores(name):
+        return [area for kind, area in calls if kind == name]
+
     _, pullback = refattn.vjp(block_sparse_attention, q, k, v, layout=layout, block_size=b)
-    assert calls.count("s") == nnz < 16 * 16
+    assert len(scores("s")) == runs and sum(scores("s")) == nnz * b * b
     calls.clear()
     pullback(d_out)
-    assert calls.count("s") == nnz and calls.count("dp") == nnz
+    assert len(scores("s")) == len(scores("dp")) == runs
+    assert sum(scores("s")) == sum(scores("dp")) == nnz * b * b
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ key ``j`` iff ``layout[i // b, j // b]`` (and ``j <= i`` when causal):
     \;(\cap \{j \le i\}).
 
 The tile plan of :mod:`refattn.ops.sdpa.tiled` is built from the layout itself: each query block
-is one unit whose tiles are its listed key blocks (diagonal blocks of a causal call are partial
+is one unit whose tiles are its listed key blocks, runs of adjacent ones merged (diagonal blocks of a causal call are partial
 tiles, masked from indices; blocks above the diagonal are dropped). The forward is the online
 softmax over those tiles, saving ``O`` and the LSE; the backward recomputes ``P`` per listed
 tile with ``D = rowsum(dO o O)``. Cost ``O(nnz b^2 d)``, memory ``O(n d)`` plus a few ``b x b``
@@ -32,7 +32,7 @@ import numpy as np  # host-side index construction only (the layout), see the mo
 
 from .._backend import describe, is_sparse, itemsize
 from .._op import Op
-from .sdpa.plan import EMPTY, FULL, TILE_BYTES, Heads, Pattern, Plan
+from .sdpa.plan import DEFAULT_BLOCK, EMPTY, FULL, TILE_BYTES, Heads, Pattern, Plan
 from .sdpa.problem import Problem, check_block_size, prepare
 from .sdpa.tiled import tiled_backward, tiled_forward
 
@@ -124,26 +124,38 @@ def _head_chunks(b: int, h_kv: int, per_unit: int) -> tuple[Heads, ...]:
 
 
 def _layout_plan(pb: Problem, layout: np.ndarray, blocks: tuple[int, int]) -> Plan:
-    """The tile plan of one head's 2-D layout: per query block, its listed key blocks."""
+    """The tile plan of one head's 2-D layout: per query block, its listed key blocks.
+
+    Adjacent listed key blocks that are fully visible are merged into one tile of up to
+    :data:`~refattn.ops.sdpa.plan.DEFAULT_BLOCK` keys (a window of BigBird blocks becomes one
+    wide tile): the kernels then do one GEMM where they would do several small ones, and the
+    positions computed are the same. Partial tiles (a causal call's diagonal) stay single.
+    """
     b_q, b_k = blocks
     n_q, n_k = pb.n_q, pb.n_k
     rows = tuple((r0, min(r0 + b_q, n_q)) for r0 in range(0, n_q, b_q))
     cols = [(c0, min(c0 + b_k, n_k)) for c0 in range(0, n_k, b_k)]
     pattern = pb.pattern
+    widest = max(b_k, DEFAULT_BLOCK)
     visible = []
     scores = 0
     for a, (r0, r1) in enumerate(rows):
-        tiles = []
+        tiles: list[tuple[int, int, bool]] = []
         for c in np.flatnonzero(layout[a]).tolist():
             c0, c1 = cols[c]
             state = FULL if pattern is None else pattern.tile_state(r0, r1, c0, c1)
-            if state != EMPTY:
-                tiles.append((c0, c1, state == FULL))
-                scores += (r1 - r0) * (c1 - c0)
+            if state == EMPTY:
+                continue
+            scores += (r1 - r0) * (c1 - c0)
+            if tiles and state == FULL and tiles[-1][2] and tiles[-1][1] == c0:
+                if c1 - tiles[-1][0] <= widest:
+                    tiles[-1] = (tiles[-1][0], c1, True)
+                    continue
+            tiles.append((c0, c1, state == FULL))
         visible.append(tuple(tiles))
     b, h_kv, g = (int(s) for s in pb.q.shape[:3])
     elem = itemsize(pb.xp, pb.q.dtype)
-    tile = max(1, g * b_q * b_k * elem)
+    tile = max(1, g * b_q * widest * elem)
     heads = _head_chunks(b, h_kv, TILE_BYTES // tile)
     return Plan(heads, rows, tuple(visible), elem * b * h_kv * g * scores)
 

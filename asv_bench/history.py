@@ -30,9 +30,11 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -60,11 +62,136 @@ def _asv(*args: str, env: dict | None = None, check: bool = True) -> subprocess.
 
 # ----------------------------------------------------------------------------- publish
 
+# asv's page loads jQuery, flot, Bootstrap, md5 and stupidtable from CDNs, which a machine
+# without internet (CI here, a laptop on a plane) cannot reach: the page then stays blank.
+# ``publish`` replaces each of those links by the same library, at the same version, from its
+# npm package (``npm pack``, cached in asv_bench/.vendor), so the page works offline. flot's
+# minified files are not in its package: its unminified ones at the same version are used.
+_CDNJS = "https://cdnjs.cloudflare.com/ajax/libs"
+_JSDELIVR = "https://cdn.jsdelivr.net/npm"
+VENDOR = {  # asv's URL -> (npm package, file inside it)
+    "https://code.jquery.com/jquery-3.3.1.min.js": ("jquery@3.3.1", "dist/jquery.min.js"),
+    f"{_CDNJS}/flot/0.8.3/jquery.flot.min.js": ("flot@0.8.3", "jquery.flot.js"),
+    f"{_CDNJS}/flot/0.8.3/jquery.flot.time.min.js": ("flot@0.8.3", "jquery.flot.time.js"),
+    f"{_CDNJS}/flot/0.8.3/jquery.flot.selection.min.js": (
+        "flot@0.8.3",
+        "jquery.flot.selection.js",
+    ),
+    f"{_CDNJS}/flot/0.8.3/jquery.flot.categories.min.js": (
+        "flot@0.8.3",
+        "jquery.flot.categories.js",
+    ),
+    f"{_JSDELIVR}/flot-orderbars@1.0.0/js/jquery.flot.orderBars.js": (
+        "flot-orderbars@1.0.0",
+        "js/jquery.flot.orderBars.js",
+    ),
+    # 1.0.1 (asv's CDN version) is not on npm; 1.1.3 has the same $.fn.stupidtable
+    f"{_CDNJS}/stupidtable/1.0.1/stupidtable.min.js": (
+        "stupid-table-plugin@1.1.3",
+        "stupidtable.min.js",
+    ),
+    f"{_CDNJS}/blueimp-md5/2.19.0/js/md5.min.js": ("blueimp-md5@2.19.0", "js/md5.min.js"),
+    f"{_JSDELIVR}/bootstrap@3.1.1/dist/js/bootstrap.min.js": (
+        "bootstrap@3.1.1",
+        "dist/js/bootstrap.min.js",
+    ),
+    f"{_JSDELIVR}/bootstrap@3.1.1/dist/css/bootstrap.min.css": (
+        "bootstrap@3.1.1",
+        "dist/css/bootstrap.min.css",
+    ),
+}
+# files the vendored ones load by relative path (Bootstrap's CSS: ../fonts/)
+VENDOR_EXTRA = {"bootstrap@3.1.1": ["dist/fonts/"]}
+_TAG = re.compile(r"<(script|link)\b[^>]*?(?:src|href)=\"(https?://[^\"]+)\"[^>]*>")
 
-def publish(html_dir: str | None) -> Path:
+
+def _npm_package(spec: str, cache: Path) -> Path:
+    """The unpacked npm package ``spec`` (``name@version``) under ``cache``."""
+    target = cache / spec.replace("/", "_")
+    if (target / "package.json").exists():
+        return target
+    npm = shutil.which("npm")
+    if npm is None:
+        raise SystemExit(
+            f"history.py publish: npm is needed once to fetch {spec} for the offline page "
+            "(or run `asv publish` in asv_bench/ for a page that loads them from CDNs)"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            [npm, "pack", spec, "--silent", "--pack-destination", tmp],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        tgz = Path(tmp) / out.stdout.strip().splitlines()[-1]
+        with tarfile.open(tgz) as tar:
+            tar.extractall(Path(tmp) / "x", filter="data")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(str(Path(tmp) / "x" / "package"), target)
+    return target
+
+
+def vendor_page(html_dir: Path, cache: Path = HERE / ".vendor") -> None:
+    """Point the page's CDN links at local copies under ``html_dir/vendor``."""
+    local: dict[str, str] = {}
+    for url, (spec, path) in VENDOR.items():
+        package = _npm_package(spec, cache)
+        name = spec.rsplit("@", 1)[0]
+        for rel in [path, *VENDOR_EXTRA.get(spec, [])]:
+            src, dst = package / rel, html_dir / "vendor" / name / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            else:
+                shutil.copyfile(src, dst)
+        local[url] = f"vendor/{name}/{path}"
+
+    def relink(match: re.Match) -> str:
+        tag, url = match.group(0), match.group(2)
+        if url not in local:
+            raise SystemExit(f"history.py publish: asv's page loads {url}, which has no local copy")
+        tag = re.sub(r'\s(?:integrity|crossorigin|referrerpolicy)="[^"]*"', "", tag)
+        return tag.replace(url, local[url])
+
+    for page in html_dir.glob("*.html"):
+        page.write_text(_TAG.sub(relink, page.read_text()))
+
+
+def _one_series(results: Path, target: Path) -> None:
+    """Copy ``results`` with the interpreter path taken out of each result's identity.
+
+    asv keys a series by machine and environment, and an ``existing`` environment is named by
+    its interpreter's path, which differs between a developer's venv and CI's fresh clone: the
+    same machine's history would split into one short line per venv. The committed files keep
+    the path; the page shows one line per machine.
+    """
+    shutil.copytree(results, target)
+    for path in target.glob("*/*.json"):
+        if path.name == "machine.json":
+            continue
+        data = json.loads(path.read_text())
+        data["env_name"] = "existing"
+        data["python"] = "existing"
+        data["params"]["python"] = "existing"
+        path.write_text(json.dumps(data))
+
+
+def publish(html_dir: str | None, offline: bool = True) -> Path:
     """Build the static page from ``asv_bench/results``; return its folder."""
     out = Path(html_dir).resolve() if html_dir else HERE / "html"
-    _asv("publish", "--no-pull", "--html-dir", str(out))
+    with tempfile.TemporaryDirectory(prefix="refattn-publish-") as tmp:
+        _one_series(RESULTS, Path(tmp) / "results")
+        conf = json.loads((HERE / "asv.conf.json").read_text())
+        conf.update(
+            repo=str(ROOT),
+            benchmark_dir=str(HERE / conf["benchmark_dir"]),
+            results_dir=str(Path(tmp) / "results"),
+            html_dir=str(out),
+        )
+        config = Path(tmp) / "asv.conf.json"
+        config.write_text(json.dumps(conf))
+        _asv("publish", "--config", str(config), "--no-pull")
+    if offline:
+        vendor_page(out)
     return out
 
 
@@ -263,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("publish", help="asv publish of the committed results")
     p.add_argument("--html-dir", default=None)
+    p.add_argument(
+        "--cdn", action="store_true", help="keep asv's CDN links (no npm needed; needs internet)"
+    )
     t = sub.add_parser("table", help="write (or --check) README.md's benchmark table")
     t.add_argument("--check", action="store_true")
     g = sub.add_parser("gate", help="benchmark two commits and fail on a slowdown")
@@ -274,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("smoke", help="asv check: every benchmark imports and is well formed")
     args = parser.parse_args(argv)
     if args.command == "publish":
-        print(publish(args.html_dir))
+        print(publish(args.html_dir, offline=not args.cdn))
         return 0
     if args.command == "table":
         return table(args.check)

@@ -11,12 +11,12 @@ key ``j`` iff ``layout[i // b, j // b]`` (and ``j <= i`` when causal):
     \;(\cap \{j \le i\}).
 
 The tile plan of :mod:`refattn.ops.sdpa.tiled` is built from the layout itself: each query block
-is one unit whose tiles are its listed key blocks, runs of adjacent ones merged (diagonal blocks of a causal call are partial
-tiles, masked from indices; blocks above the diagonal are dropped). The forward is the online
-softmax over those tiles, saving ``O`` and the LSE; the backward recomputes ``P`` per listed
-tile with ``D = rowsum(dO o O)``. Cost ``O(nnz b^2 d)``, memory ``O(n d)`` plus a few ``b x b``
-tiles per thread. A row that sees no key gets ``O = 0``, ``lse = -inf`` and zero gradients,
-as SDPA's fully masked rows do.
+is one unit whose tiles are its listed key blocks, runs of adjacent ones merged (diagonal blocks
+of a causal call are partial tiles, masked from indices; blocks above the diagonal are
+dropped). The forward is the online softmax over those tiles, saving ``O`` and the LSE; the
+backward recomputes ``P`` per listed tile with ``D = rowsum(dO o O)``. Cost ``O(nnz b^2 d)``,
+memory ``O(n d)`` plus a few tiles per thread. A row that sees no key gets ``O = 0``,
+``lse = -inf`` and zero gradients, as SDPA's fully masked rows do.
 
 The layout is read on the host (NumPy, or scipy.sparse): it is index data that decides which
 tiles exist, a Python-level plan like :func:`~refattn.ops.sdpa.plan.plan_tiles`, not array

@@ -348,7 +348,18 @@ def gate(base: str, head: str, factor: float, benches: list[str], machine: str) 
                 cwd=ROOT, check=True, capture_output=True,
             )  # fmt: skip
             try:
-                env = dict(os.environ, PYTHONPATH=str(tree))
+                # asv drops PYTHONPATH from the benchmarks' environment unless it comes as
+                # ASV_PYTHONPATH
+                env = dict(os.environ, PYTHONPATH=str(tree), ASV_PYTHONPATH=str(tree))
+                where = subprocess.run(
+                    [sys.executable, "-c", "import refattn; print(refattn.__file__)"],
+                    env=env, cwd=tmp, capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                if not Path(where.stdout.strip()).is_relative_to(tree):
+                    raise SystemExit(
+                        f"gate: refattn imports from {where.stdout.strip()}, not from the "
+                        f"worktree of {commit[:12]} (an installed non-editable refattn?)"
+                    )
                 # the commit's own benchmarks, results kept out of the committed history
                 config = Path(tmp) / f"asv-{commit[:12]}.json"
                 conf = json.loads((HERE / "asv.conf.json").read_text())

@@ -208,15 +208,26 @@ def device_of(x: Array) -> Any:
     return array_api_compat.device(x)
 
 
-def host_float64(x: Any) -> Any:
-    """A float64 NumPy copy of ``x`` from any backend (CuPy through ``.get()``, others through
-    DLPack, plain sequences through ``numpy.asarray``): for work that runs on the host
-    (gradcheck's Jacobians, max-flow, figures)."""
+def to_host(x: Any) -> Any:
+    """A NumPy array of ``x`` from any backend, dtype kept: CuPy through ``.get()``, torch
+    through ``.detach().cpu()``, others through DLPack, plain sequences through
+    ``numpy.asarray``. (NumPy's own ``asarray`` refuses CuPy and would copy a torch tensor
+    that requires grad only after an error.)"""
     import numpy as np
 
     if hasattr(x, "get"):  # CuPy
         x = x.get()
+    if hasattr(x, "detach"):  # torch
+        x = x.detach().cpu().numpy()
     try:
-        return np.asarray(np.from_dlpack(x), dtype=np.float64)
+        return np.asarray(np.from_dlpack(x))
     except (TypeError, AttributeError, BufferError, RuntimeError):
-        return np.asarray(x, dtype=np.float64)
+        return np.asarray(x)
+
+
+def host_float64(x: Any) -> Any:
+    """A float64 NumPy copy of ``x`` from any backend (:func:`to_host`): for work that runs on
+    the host (gradcheck's Jacobians, max-flow, figures)."""
+    import numpy as np
+
+    return np.asarray(to_host(x), dtype=np.float64)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np  # the check runner works on host copies; refattn ops run on `xp`
 
 from . import _tree
+from ._backend import to_host
 from ._op import vjp
 from .checks import Case, to_backend
 from .gradcheck import GradcheckError, gradcheck
@@ -35,17 +36,6 @@ class CaseResult:
     @property
     def passed(self) -> bool:
         return not any(s.startswith("FAIL") for s in self.status.values())
-
-
-def _host(x: Any) -> np.ndarray:
-    if hasattr(x, "get"):
-        x = x.get()
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    try:
-        return np.asarray(np.from_dlpack(x))
-    except (TypeError, AttributeError, BufferError, RuntimeError):
-        return np.asarray(x)
 
 
 def _as_tuple(out: Any) -> tuple[Any, ...]:
@@ -90,7 +80,7 @@ def compare_with_framework(case: Case, framework: str, *, seed: int = 0) -> tupl
     primals, options = case.make(np.random.default_rng(seed))
     xp = _numpy_namespace()
     out, pullback = vjp(case.op, *to_backend(xp, primals), **to_backend(xp, options))
-    outs = tuple(_host(o) for o in _as_tuple(out))
+    outs = tuple(to_host(o) for o in _as_tuple(out))
     cts = _cotangents(outs, np.random.default_rng(seed + 1))
     ct = tuple(cts) if isinstance(out, tuple) else cts[0]
     grads = pullback(to_backend(xp, ct))
@@ -99,7 +89,7 @@ def compare_with_framework(case: Case, framework: str, *, seed: int = 0) -> tupl
     for name, mine, theirs in (
         *((f"output {i}", o, f) for i, (o, f) in enumerate(zip(outs, f_outs, strict=True))),
         *(
-            (f"grad {i}", _host(g), f)
+            (f"grad {i}", to_host(g), f)
             for i, (g, f) in enumerate(zip(_tree.leaves(grads), _tree.leaves(f_grads), strict=True))
         ),
     ):

@@ -103,7 +103,7 @@ for _op, _log in ((softmax, False), (log_softmax, True)):
 # ----------------------------------------------------------------------------- attention
 
 
-def _sdpa_make(
+def sdpa_make(
     q_shape,
     kv_heads: int | None = None,
     n_k: int | None = None,
@@ -190,7 +190,7 @@ def _reference_attention(ops: dict[str, Any], primals, options):
     return (out, *extras) if extras else out
 
 
-def _torch_sdpa(torch, primals, options):
+def torch_sdpa(torch, primals, options):
     ops = {
         "asarray": torch.as_tensor,
         "where": lambda c, a, b: torch.where(c, a, torch.as_tensor(b, dtype=a.dtype)),
@@ -204,7 +204,7 @@ def _torch_sdpa(torch, primals, options):
     return _reference_attention(ops, primals, options)
 
 
-def _jax_sdpa(jnp, primals, options):
+def jax_sdpa(jnp, primals, options):
     import jax
 
     ops = {
@@ -221,20 +221,20 @@ def _jax_sdpa(jnp, primals, options):
 
 
 _SDPA_CASES = {
-    "2d": _sdpa_make((5, 3)),
-    "mha": _sdpa_make((2, 2, 4, 3)),
-    "cross_nq_ne_nk_dv": _sdpa_make((2, 3, 3), n_k=5, d_v=2),
-    "gqa": _sdpa_make((1, 4, 3, 2), kv_heads=2),
-    "mqa": _sdpa_make((1, 3, 3, 2), kv_heads=1),
-    "bool_mask": _sdpa_make((2, 2, 4, 3), mask="some"),
-    "fully_masked_row": _sdpa_make((2, 2, 4, 3), mask="fully_masked_row", lse=True),
-    "bias": _sdpa_make((2, 4, 3), bias=True),
-    "causal_upper_left": _sdpa_make((2, 3, 2), n_k=5, causal="upper_left"),
-    "causal_lower_right": _sdpa_make((2, 3, 2), n_k=5, causal="lower_right"),
-    "causal_lower_right_nq_gt_nk": _sdpa_make((2, 5, 2), n_k=3, causal="lower_right", lse=True),
-    "dropout": _sdpa_make((2, 4, 3), dropout=True),
-    "scale": _sdpa_make((2, 4, 3), scale=0.7),
-    "weights_and_lse": _sdpa_make((2, 2, 3, 3), mask="some", weights=True, lse=True),
+    "2d": sdpa_make((5, 3)),
+    "mha": sdpa_make((2, 2, 4, 3)),
+    "cross_nq_ne_nk_dv": sdpa_make((2, 3, 3), n_k=5, d_v=2),
+    "gqa": sdpa_make((1, 4, 3, 2), kv_heads=2),
+    "mqa": sdpa_make((1, 3, 3, 2), kv_heads=1),
+    "bool_mask": sdpa_make((2, 2, 4, 3), mask="some"),
+    "fully_masked_row": sdpa_make((2, 2, 4, 3), mask="fully_masked_row", lse=True),
+    "bias": sdpa_make((2, 4, 3), bias=True),
+    "causal_upper_left": sdpa_make((2, 3, 2), n_k=5, causal="upper_left"),
+    "causal_lower_right": sdpa_make((2, 3, 2), n_k=5, causal="lower_right"),
+    "causal_lower_right_nq_gt_nk": sdpa_make((2, 5, 2), n_k=3, causal="lower_right", lse=True),
+    "dropout": sdpa_make((2, 4, 3), dropout=True),
+    "scale": sdpa_make((2, 4, 3), scale=0.7),
+    "weights_and_lse": sdpa_make((2, 2, 3, 3), mask="some", weights=True, lse=True),
 }
 
 for _name, _make in _SDPA_CASES.items():
@@ -243,8 +243,8 @@ for _name, _make in _SDPA_CASES.items():
             scaled_dot_product_attention,
             _name,
             _make,
-            torch_ref=_torch_sdpa,
-            jax_ref=_jax_sdpa,
+            torch_ref=torch_sdpa,
+            jax_ref=jax_sdpa,
             tags=("core",),
         )
     )

@@ -17,7 +17,7 @@ from ..ops import scaled_dot_product_attention
 from ..ops.linear_attention import linear_attention
 from ..ops.window import sliding_window_attention
 from . import Case, register_case
-from .core import _jax_sdpa, _sdpa_make, _torch_sdpa
+from .core import jax_sdpa, sdpa_make, torch_sdpa
 
 # ----------------------------------------------------------------------------- tiled SDPA
 
@@ -44,19 +44,19 @@ def _tiled(make: Any, block_size: tuple[int, int], *, masked_rows: slice | None 
 
 
 _TILED_CASES = {
-    "tiled_mha_ragged": _tiled(_sdpa_make((2, 1, 7, 2), n_k=5), (3, 2)),
+    "tiled_mha_ragged": _tiled(sdpa_make((2, 1, 7, 2), n_k=5), (3, 2)),
     "tiled_gqa_causal_upper_left": _tiled(
-        _sdpa_make((1, 4, 5, 2), kv_heads=2, n_k=7, causal="upper_left"), (2, 3)
+        sdpa_make((1, 4, 5, 2), kv_heads=2, n_k=7, causal="upper_left"), (2, 3)
     ),
     "tiled_mqa_causal_lower_right": _tiled(
-        _sdpa_make((1, 3, 6, 2), kv_heads=1, n_k=4, causal="lower_right", lse=True), (2, 2)
+        sdpa_make((1, 3, 6, 2), kv_heads=1, n_k=4, causal="lower_right", lse=True), (2, 2)
     ),
     "tiled_masked_row_block": _tiled(
-        _sdpa_make((2, 7, 2), mask="some", lse=True), (3, 2), masked_rows=slice(3, 6)
+        sdpa_make((2, 7, 2), mask="some", lse=True), (3, 2), masked_rows=slice(3, 6)
     ),
-    "tiled_bias_dropout_2d": _tiled(_sdpa_make((6, 3), bias=True, dropout=True), (4, 3)),
+    "tiled_bias_dropout_2d": _tiled(sdpa_make((6, 3), bias=True, dropout=True), (4, 3)),
     "tiled_weights_and_lse": _tiled(
-        _sdpa_make((2, 5, 2), n_k=6, mask="some", weights=True, lse=True), (2, 4)
+        sdpa_make((2, 5, 2), n_k=6, mask="some", weights=True, lse=True), (2, 4)
     ),
 }
 
@@ -66,8 +66,8 @@ for _name, _make in _TILED_CASES.items():
             scaled_dot_product_attention,
             _name,
             _make,
-            torch_ref=_torch_sdpa,
-            jax_ref=_jax_sdpa,
+            torch_ref=torch_sdpa,
+            jax_ref=jax_sdpa,
             tags=("efficient", "tiled"),
         )
     )
@@ -114,12 +114,12 @@ def _window_keep(lib: Any, n: int, options: dict[str, Any]) -> Any:
 
 def _torch_window(torch, primals, options):
     keep = _window_keep(torch, primals[0].shape[-2], options)
-    return _torch_sdpa(torch, primals, {"mask": keep, "scale": options.get("scale")})
+    return torch_sdpa(torch, primals, {"mask": keep, "scale": options.get("scale")})
 
 
 def _jax_window(jnp, primals, options):
     keep = _window_keep(jnp, primals[0].shape[-2], options)
-    return _jax_sdpa(jnp, primals, {"mask": keep, "scale": options.get("scale")})
+    return jax_sdpa(jnp, primals, {"mask": keep, "scale": options.get("scale")})
 
 
 _WINDOW_CASES = {

@@ -37,6 +37,8 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
+from .._backend import to_host
+
 __all__ = [
     "grads_to_torch",
     "options_from_torch",
@@ -341,22 +343,11 @@ def _kind_from_params(params: Params) -> str:
     return "multi_head_attention"
 
 
-def _host(x: Any) -> Any:
-    import numpy as np
-
-    if hasattr(x, "get"):  # CuPy
-        return x.get()
-    try:
-        return np.from_dlpack(x)
-    except (TypeError, AttributeError, BufferError, RuntimeError):
-        return np.asarray(x)
-
-
 def _tensor(x: Any, *, transpose: bool = False) -> Any:
     import numpy as np
     import torch
 
-    host = _host(x)
+    host = to_host(x)
     if transpose:
         host = host.T
     return torch.from_numpy(np.array(host, copy=True, order="C"))

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np  # flow runs on the host: networkx works on Python floats
 
 from .._backend import device_of, host_float64
-from .rollout import _augment, _fuse, check_layers, check_options
+from .rollout import add_residual, check_layers, check_options, fuse_heads
 
 __all__ = ["attention_flow"]
 
@@ -102,7 +102,9 @@ def attention_flow(
         raise TypeError(f"refattn.{op}: normalize must be a bool, got {normalize!r}")
     xp, layers = check_layers(op, weights_per_layer)
     nx = _networkx()
-    mats = [host_float64(_augment(xp, _fuse(xp, w, head_fusion, 0.0)[0], r)[0]) for w in layers]
+    mats = [
+        host_float64(add_residual(xp, fuse_heads(xp, w, head_fusion, 0.0)[0], r)[0]) for w in layers
+    ]
     lead, n = mats[0].shape[:-2], mats[0].shape[-1]
     out = np.zeros((*lead, n, n))
     for index in np.ndindex(*lead):

@@ -80,7 +80,7 @@ def check_layers(
     return xp, layers
 
 
-def _fuse(xp: Any, a: Array, head_fusion: str, ratio: float) -> tuple[Array, Any]:
+def fuse_heads(xp: Any, a: Array, head_fusion: str, ratio: float) -> tuple[Array, Any]:
     """``F = fuse_h A`` (..., n, n) with the discarded entries zeroed; residuals for the VJP."""
     if head_fusion == "mean":
         f, pick = xp.mean(a, axis=-3), None
@@ -99,7 +99,7 @@ def _fuse(xp: Any, a: Array, head_fusion: str, ratio: float) -> tuple[Array, Any
     return f, (pick, keep)
 
 
-def _augment(xp: Any, f: Array, r: float) -> tuple[Array, Array]:
+def add_residual(xp: Any, f: Array, r: float) -> tuple[Array, Array]:
     """``(Ã, s)``: ``T = r I + (1 - r) F`` with its rows renormalised, and ``s = rowsum(T)``."""
     n = int(f.shape[-1])
     eye = xp.eye(n, dtype=f.dtype, device=device_of(f))
@@ -120,8 +120,8 @@ def augmented_attention(
     op = "augmented_attention"
     r, ratio = check_options(op, residual, head_fusion, discard_ratio)
     xp, (w,) = check_layers(op, [weights])
-    f, _ = _fuse(xp, w, head_fusion, ratio)
-    return _augment(xp, f, r)[0]
+    f, _ = fuse_heads(xp, w, head_fusion, ratio)
+    return add_residual(xp, f, r)[0]
 
 
 def _rollout_fwd(
@@ -164,8 +164,8 @@ def _rollout_fwd(
     )
     saved = []
     for w in layers:
-        f, fused = _fuse(xp, w, head_fusion, ratio)
-        a, s = _augment(xp, f, r)
+        f, fused = fuse_heads(xp, w, head_fusion, ratio)
+        a, s = add_residual(xp, f, r)
         saved.append((rollout, a, s, fused, int(w.shape[-3])))
         rollout = a @ rollout
     stacked = hasattr(weights_per_layer, "ndim")

@@ -143,6 +143,21 @@ def _attend(xp: ModuleType, e: Array, keys: Array, mask: Array | None) -> tuple[
     return (alpha[:, None, :] @ keys)[:, 0, :], alpha
 
 
+def _weighted_sum_bwd(
+    xp: ModuleType, alpha: Array, keys: Array, cotangent: Any
+) -> tuple[Array, Array]:
+    r"""``(dalpha_tot, dkeys)`` of ``c = alpha @ keys`` with ``alpha`` also an output, from the
+    tuple cotangent ``(dc, dalpha)``: :math:`d\alpha^{tot}_j = d\alpha_j + h_j \cdot dc`,
+    :math:`dh_j = \alpha_j\, dc`."""
+    d_c, d_alpha = cotangent
+    if d_c is None:
+        d_c = xp.zeros((keys.shape[0], keys.shape[2]), dtype=keys.dtype, device=device_of(keys))
+    d_total = (keys @ d_c[:, :, None])[..., 0]
+    if d_alpha is not None:
+        d_total = d_total + d_alpha
+    return d_total, alpha[:, :, None] * d_c[:, None, :]
+
+
 def _attend_bwd(xp: ModuleType, alpha: Array, keys: Array, cotangent: Any) -> tuple[Array, Array]:
     r"""``(de, dkeys)`` of :func:`_attend` from the tuple cotangent ``(dc, dalpha)``.
 
@@ -152,14 +167,8 @@ def _attend_bwd(xp: ModuleType, alpha: Array, keys: Array, cotangent: Any) -> tu
         d\alpha^{tot}_j = d\alpha_j + h_j \cdot dc,\qquad
         de = \alpha \circ \bigl(d\alpha^{tot} - \textstyle\sum_j \alpha_j d\alpha^{tot}_j\bigr).
     """
-    d_c, d_alpha = cotangent
-    if d_c is None:
-        d_c = xp.zeros((keys.shape[0], keys.shape[2]), dtype=keys.dtype, device=device_of(keys))
-    d_total = (keys @ d_c[:, :, None])[..., 0]
-    if d_alpha is not None:
-        d_total = d_total + d_alpha
+    d_total, d_keys = _weighted_sum_bwd(xp, alpha, keys, cotangent)
     d_e = alpha * (d_total - xp.sum(alpha * d_total, axis=-1, keepdims=True))
-    d_keys = alpha[:, :, None] * d_c[:, None, :]
     return d_e, d_keys
 
 
@@ -556,13 +565,7 @@ def _multiplicative_attention_bwd(
         grads, d_query, dk_e = _luong_energy_bwd(xp, params, method, query, keys, s_proj, t, d_e)
         return _like(params, grads), d_query, d_keys + dk_e
     a, g, j, p, s_len, u, sigma = local_p
-    d_c, d_alpha = cotangent
-    if d_c is None:
-        d_c = xp.zeros((keys.shape[0], keys.shape[2]), dtype=keys.dtype, device=device_of(keys))
-    d_total = (keys @ d_c[:, :, None])[..., 0]
-    if d_alpha is not None:
-        d_total = d_total + d_alpha
-    d_keys = alpha[:, :, None] * d_c[:, None, :]
+    d_total, d_keys = _weighted_sum_bwd(xp, alpha, keys, cotangent)
     d_a = d_total * g
     d_e = a * (d_a - xp.sum(a * d_a, axis=-1, keepdims=True))
     d_p = xp.sum(d_total * alpha * (j - p[:, None]), axis=-1) / (sigma * sigma)

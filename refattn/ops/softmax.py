@@ -112,10 +112,9 @@ def _blockwise(xp: Any, fn: Any, x: Array, axis: int, *others: Array | None) -> 
     ``fn`` maps ``x`` (and ``others``, each broadcastable to ``x`` or None) to an array shaped
     like ``x``, every slice along ``axis`` on its own; so blocks of slices give the same result.
     On NumPy with two or more threads, an ``x`` of at least two :data:`_BLOCK_BYTES` blocks is
-    split along its first other axis of size > 1, and the blocks run on the thread pool (NumPy's
-    ufuncs use one core: measured on (8, 512, 512) float32 at 2 threads, the softmax forward
-    took 2.8 ms in blocks against 3.6 ms in one piece, its backward 1.9 against 2.2 ms).
-    Otherwise ``fn`` runs once, on the whole arrays.
+    split along its first other axis of size > 1, and the blocks run on the thread pool: NumPy's
+    ufuncs use one core, so blocks on the pool's threads use them all (the measured gain is in
+    ``docs/benchmarks.md``). Otherwise ``fn`` runs once, on the whole arrays.
     """
     split = next((i for i in range(x.ndim) if i != axis and x.shape[i] > 1), None)
     n_bytes = math.prod(x.shape) * itemsize(xp, x.dtype)

@@ -422,7 +422,7 @@ def test_multiplicative_updates_lift_only_the_rows_that_need_it(xp):
         att.update_key(r, c, x)
         mir.K[r, c] += x
     assert att.stats["rows_rescaled"] == 0
-    assert att._key_err  # some columns were updated multiplicatively
+    assert att._st.key_err  # some columns were updated multiplicatively
     check_exact(att, mir, rng, with_output=True)
     for _ in range(2):
         att.update_key(2, 3, 10.0)
@@ -438,12 +438,12 @@ def test_multiplicative_error_budget():
     The budget follows its key row when an earlier row is removed."""
     xp = array_namespace(np.empty(0))
     att, mir, _ = make(xp, n_q=6, n_k=8, d=3, d_v=2, threshold=1, seed=18)
-    budget = att._key_budget
+    budget = att._st.key_budget
     spent, resets = [], 0
     for _ in range(1200):
         att.update_key(5, 1, 1e-3)
         mir.K[5, 1] += 1e-3
-        spent.append(att._key_err.get(5, 0.0))
+        spent.append(att._st.key_err.get(5, 0.0))
         if len(spent) > 1 and spent[-1] < spent[-2]:
             resets += 1
     assert max(spent) <= budget
@@ -453,11 +453,11 @@ def test_multiplicative_error_budget():
     att.update_key(5, 0, 1e-3)
     mir.K[6, 0] += 1e-3
     mir.K[5, 0] += 1e-3
-    err5, err6 = att._key_err[5], att._key_err[6]
+    err5, err6 = att._st.key_err[5], att._st.key_err[6]
     att.remove(2)
     mir.K = np.delete(mir.K, 2, axis=0)
     mir.V = np.delete(mir.V, 2, axis=0)
-    assert att._key_err == {4: err5, 5: err6}
+    assert att._st.key_err == {4: err5, 5: err6}
     check_exact(att, mir, np.random.default_rng(0), with_output=True)
 
 
@@ -500,7 +500,7 @@ def test_approximation_error_measures_the_state_and_changes_nothing(xp):
     # a corrupted denominator is seen (it would not be by a fresh recompute of Q, K, V),
     # also with a pending update that the measurement applies to its copy
     att.flush()
-    att._D = att._D * (1.0 + 1e-9)
+    att._st.D = att._st.D * (1.0 + 1e-9)
     assert 0.5e-9 < att.approximation_error() < 2e-9
     att.update_value(0, 0, 0.5)
     assert 0.5e-9 < att.approximation_error() < 2e-9
@@ -579,10 +579,11 @@ def test_scale(xp):
 def state_of(att):
     """Everything observable, plus the internal arrays (to catch half-applied calls)."""
     arrays = {
-        name: to_numpy(getattr(att, name)).copy()
-        for name in ("_Q", "_K", "_V", "_At", "_AVt", "_D", "_c", "_drift")
+        name: to_numpy(getattr(att._st, name)).copy()
+        for name in ("Q", "K", "V", "At", "AVt", "D", "c", "drift")
     }
-    pend = (list(att._pk.rows), list(att._pk.vals), list(att._pv.rows), list(att._pv.vals))
+    st = att._st
+    pend = (list(st.pk.rows), list(st.pk.vals), list(st.pv.rows), list(st.pv.vals))
     return att.pending, att.stats, att.shape, att.threshold, pend, arrays
 
 

@@ -19,9 +19,10 @@ bound on that row's scores)::
 The derivations, the drift bound and the cost model of the adaptive threshold are in
 ``docs/dynamic.md``.
 
-The package: :mod:`.attention` (the public class), :mod:`.pending`, :mod:`.queries`,
-:mod:`.flush`, :mod:`.drift`, :mod:`.tuning`, :mod:`.magnitudes`, :mod:`.validation`,
-:mod:`.arrays`.
+The package: :mod:`.attention` (the public class, which owns a :class:`~.state.State` and an
+:class:`~.tuning.UpdatePolicy`), :mod:`.state` (the fields above and the pending batches),
+functions of the state in :mod:`.queries`, :mod:`.flush` and :mod:`.drift`, and :mod:`.pending`,
+:mod:`.tuning`, :mod:`.magnitudes`, :mod:`.validation`, :mod:`.arrays`.
 """
 
 from .attention import DynamicAttention

@@ -1,9 +1,10 @@
-"""The public class :class:`DynamicAttention`: its state, the updates, appends, removals and
-queries a user calls, and the validation that runs before any state changes. The work itself is
-in the parts it is made of: :mod:`.pending` (the COO batches), :mod:`.queries` (exact answers
-while updates are pending), :mod:`.flush` (applying the batches), :mod:`.drift` (the row shifts
-and the rounding-drift bound), :mod:`.tuning` (the cost model and the adaptive threshold),
-:mod:`.magnitudes` (the overflow guard)."""
+"""The public class :class:`DynamicAttention`: the updates, appends, removals and queries a
+user calls, and the validation that runs before any state changes. It owns two parts: a
+:class:`~.state.State` (the maintained arrays, bounds and pending batches) and an
+:class:`~.tuning.UpdatePolicy` (when to flush). The work is done by functions of the state:
+:mod:`.queries` (exact answers while updates are pending), :mod:`.flush` (applying the
+batches), :mod:`.drift` (the row shifts and the rounding-drift bound); :mod:`.pending` holds the
+COO batches, :mod:`.magnitudes` the overflow guard."""
 
 from __future__ import annotations
 
@@ -11,22 +12,14 @@ import math
 import numbers
 from typing import Any
 
-from array_api_compat import device as _device_of
-
-from .._backend import (
-    check_floating,
-    describe,
-    floating_dtype,
-    namespace,
-    sparse_module,
-)
-from .arrays import fancy_setitem, put, reference_output
-from .drift import DriftControl
-from .flush import Flushing
+from .._backend import check_floating, describe, floating_dtype, namespace
+from .arrays import put, reference_output
+from .drift import control_drift, raise_shifts, recompute_all, refresh_rows, shift_target
+from .flush import apply_pending, fold_pending
 from .magnitudes import Magnitudes
-from .pending import KeyRows, Pending
-from .queries import QueryPaths
-from .tuning import MULTIPLICATIVE_EXPONENT, TOL_ULPS, AdaptiveThreshold
+from .queries import fresh_row, key_rows, query_pending
+from .state import State
+from .tuning import UpdatePolicy
 from .validation import (
     check_index,
     densify,
@@ -42,7 +35,7 @@ __all__ = ["DynamicAttention"]
 Array = Any
 
 
-class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
+class DynamicAttention:
     r"""Exact ``softmax(scale·QKᵀ)V`` under entry updates of K, V and Q, appends and removes.
 
     Parameters
@@ -133,70 +126,16 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
             raise TypeError(f"{where}: scale must be a real number, got {scale!r}")
         if not math.isfinite(float(scale)):
             raise ValueError(f"{where}: scale must be finite, got {scale!r}")
-        self._threshold_fixed = self._check_count(where, "threshold", threshold)
-        self._rebuild_every = self._check_count(where, "rebuild_every", rebuild_every)
+        threshold = self._check_count(where, "threshold", threshold)
+        rebuild_every = self._check_count(where, "rebuild_every", rebuild_every)
         bounds = Magnitudes.of(xp, Qd, Kd, Vd, float(scale), float(xp.finfo(dtype).max))
         bounds.check(where, "Q, K, V and scale", n_k)
 
-        self._xp = xp
-        self._dtype = dtype
-        self._dtype_name = "float64" if dtype == xp.float64 else "float32"
-        self._device = _device_of(Qd)
-        self._native_sparse = fancy_setitem(xp)  # scipy/cupyx sparse @ the backend's arrays
-        self._sp = sparse_module(xp)
-        finfo = xp.finfo(dtype)
-        self._u = float(finfo.eps) / 2.0
-        self._max_abs = float(finfo.max)
-        tol = TOL_ULPS[self._dtype_name]
-        self._tol = 0.75 * tol * self._u  # drift of D and AV, relative to D
-        self._key_budget = 0.25 * tol  # multiplicative error of a column of A, in units of u
-        # D below this is recomputed: denormal entries, even lifted by exp(16), are negligible
-        self._tiny = (
-            float(finfo.smallest_normal) * math.exp(MULTIPLICATIVE_EXPONENT) / float(finfo.eps) ** 2
+        self._st = State(
+            xp, dtype, Qd, Kd, Vd, scale=float(scale), bounds=bounds, rebuild_every=rebuild_every
         )
-        self._scale = float(scale)
-
-        self._Q = xp.asarray(Qd, copy=True)
-        self._QT = xp.zeros((d, n_q), dtype=dtype, device=self._device)  # row-major Qᵀ
-        self._QT[...] = self._Q.T
-        # per-column bound on |Q| (host): bounds the exponents of multiplicative updates
-        self._qmax = bounds.q  # the same list: kept current by update_query
-        self._bounds = bounds
-        # per key row: bound on the relative error of its column of A, in units of u (host)
-        self._key_err: dict[int, float] = {}
-        self._K = xp.asarray(Kd, copy=True)  # buffers: rows [0, n_k) are live
-        self._V = xp.asarray(Vd, copy=True)
-        self._nk = n_k
-        self._n_q, self._d, self._d_v = n_q, d, d_v
-        self._pk = Pending(track_columns=False)
-        self._pv = Pending(track_columns=True)
-        self._k_cache: KeyRows | None = None
-        self._work: dict[str, Array] = {}
-        self._stats = {
-            "key_updates": 0,
-            "value_updates": 0,
-            "query_updates": 0,
-            "appends": 0,
-            "removes": 0,
-            "queries": 0,
-            "flushes": 0,
-            "columns_recomputed": 0,
-            "rows_refreshed": 0,
-            "rows_rescaled": 0,
-            "rebuilds": 0,
-        }
-        self._flushes_since_rebuild = 0
-        # adaptive threshold: running estimates of queries per update and of the K share
-        self._win_updates = 0
-        self._win_key_updates = 0
-        self._win_queries = 0
-        self._rate_updates = 1.0
-        self._rate_queries = 1.0
-        self._rate_key_updates = 0.5
-        self._threshold_now = self._threshold_fixed or 1
-        self._recompute_all()
-        if self._threshold_fixed is None:
-            self._tune()
+        recompute_all(self._st)
+        self._policy = UpdatePolicy(threshold, self.shape)
 
     # ----------------------------------------------------------------------------------------
     # public API
@@ -205,22 +144,23 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """``(n_q, n_k, d, d_v)``: queries, keys (after appends/removes), key and value dims."""
-        return (self._n_q, self._nk, self._d, self._d_v)
+        st = self._st
+        return (st.n_q, st.nk, st.d, st.d_v)
 
     @property
     def dtype(self) -> Any:
         """The floating dtype of the state and the outputs (that of the inputs)."""
-        return self._dtype
+        return self._st.dtype
 
     @property
     def pending(self) -> int:
         """Number of pending K and V entry updates (repeated entries counted as given)."""
-        return len(self._pk) + len(self._pv)
+        return self._st.pending
 
     @property
     def threshold(self) -> int:
         """Pending updates that trigger a flush: the fixed value, or the adaptive one now."""
-        return self._threshold_now
+        return self._policy.threshold
 
     @property
     def stats(self) -> dict[str, int]:
@@ -230,32 +170,34 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
         rows recomputed to reset drift), ``rows_rescaled`` (per-row shifts raised) and
         ``rebuilds`` (full recomputes after construction).
         """
-        out = dict(self._stats)
+        out = dict(self._st.stats)
         out["updates"] = out["key_updates"] + out["value_updates"] + out["query_updates"]
         return out
 
     def update_key(self, i: int, j: int, delta: float) -> None:
         """``K[i, j] += delta``, deferred. Column i of A changes on the next flush."""
         where = "refattn.DynamicAttention.update_key"
-        r = check_index(where, "i", i, self._nk, f"K with {self._nk} rows")
-        c = check_index(where, "j", j, self._d, f"K with {self._d} columns")
-        v = scalar_delta(where, delta, self._max_abs)
-        self._bounds.admit_key(where, self._nk, c, v)
-        self._pk.add(r, c, v)
-        if self._k_cache is not None:
-            self._k_cache.add(self._xp, self._K, r, c, v)
-        self._stats["key_updates"] += 1
+        st = self._st
+        r = check_index(where, "i", i, st.nk, f"K with {st.nk} rows")
+        c = check_index(where, "j", j, st.d, f"K with {st.d} columns")
+        v = scalar_delta(where, delta, st.max_abs)
+        st.bounds.admit_key(where, st.nk, c, v)
+        st.pk.add(r, c, v)
+        if st.k_cache is not None:
+            st.k_cache.add(st.xp, st.K, r, c, v)
+        st.stats["key_updates"] += 1
         self._after_updates(1, 1)
 
     def update_value(self, i: int, j: int, delta: float) -> None:
         """``V[i, j] += delta``, deferred. Column j of AV changes by ``delta·A[:, i]``."""
         where = "refattn.DynamicAttention.update_value"
-        r = check_index(where, "i", i, self._nk, f"V with {self._nk} rows")
-        c = check_index(where, "j", j, self._d_v, f"V with {self._d_v} columns")
-        v = scalar_delta(where, delta, self._max_abs)
-        self._bounds.admit_value(where, self._nk, c, v)
-        self._pv.add(r, c, v)
-        self._stats["value_updates"] += 1
+        st = self._st
+        r = check_index(where, "i", i, st.nk, f"V with {st.nk} rows")
+        c = check_index(where, "j", j, st.d_v, f"V with {st.d_v} columns")
+        v = scalar_delta(where, delta, st.max_abs)
+        st.bounds.admit_value(where, st.nk, c, v)
+        st.pv.add(r, c, v)
+        st.stats["value_updates"] += 1
         self._after_updates(1, 0)
 
     def update_keys(self, rows: Array, cols: Array, deltas: Array) -> None:
@@ -264,17 +206,18 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
         The batch is validated whole before anything changes.
         """
         where = "refattn.DynamicAttention.update_keys"
-        r, c, v = self._batch(where, rows, cols, deltas, self._d, "K")
+        st = self._st
+        r, c, v = self._batch(where, rows, cols, deltas, st.d, "K")
         if not r:
             return
-        self._bounds.admit(where, "deltas", self._nk, k=zip(c, v, strict=True))
-        self._pk.extend(r, c, v)
-        if self._k_cache is not None and len(r) <= 32:
+        st.bounds.admit(where, "deltas", st.nk, k=zip(c, v, strict=True))
+        st.pk.extend(r, c, v)
+        if st.k_cache is not None and len(r) <= 32:
             for row, col, val in zip(r, c, v, strict=True):
-                self._k_cache.add(self._xp, self._K, row, col, val)
+                st.k_cache.add(st.xp, st.K, row, col, val)
         else:
-            self._k_cache = None
-        self._stats["key_updates"] += len(r)
+            st.k_cache = None
+        st.stats["key_updates"] += len(r)
         self._after_updates(len(r), len(r))
 
     def update_values(self, rows: Array, cols: Array, deltas: Array) -> None:
@@ -283,25 +226,27 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
         The batch is validated whole before anything changes.
         """
         where = "refattn.DynamicAttention.update_values"
-        r, c, v = self._batch(where, rows, cols, deltas, self._d_v, "V")
+        st = self._st
+        r, c, v = self._batch(where, rows, cols, deltas, st.d_v, "V")
         if not r:
             return
-        self._bounds.admit(where, "deltas", self._nk, v=zip(c, v, strict=True))
-        self._pv.extend(r, c, v)
-        self._stats["value_updates"] += len(r)
+        st.bounds.admit(where, "deltas", st.nk, v=zip(c, v, strict=True))
+        st.pv.extend(r, c, v)
+        st.stats["value_updates"] += len(r)
         self._after_updates(len(r), 0)
 
     def update_query(self, i: int, j: int, delta: float) -> None:
         """``Q[i, j] += delta``, applied at once: row i of A is recomputed, ``O(n_k·(d+d_v))``."""
         where = "refattn.DynamicAttention.update_query"
-        r = check_index(where, "i", i, self._n_q, f"Q with {self._n_q} rows")
-        c = check_index(where, "j", j, self._d, f"Q with {self._d} columns")
-        v = scalar_delta(where, delta, self._max_abs)
-        self._bounds.admit(where, "delta", self._nk, q=[(c, v)])
-        self._Q[r, c] = self._Q[r, c] + v
-        self._QT[c, r] = self._Q[r, c]
-        self._refresh_rows([r])
-        self._stats["query_updates"] += 1
+        st = self._st
+        r = check_index(where, "i", i, st.n_q, f"Q with {st.n_q} rows")
+        c = check_index(where, "j", j, st.d, f"Q with {st.d} columns")
+        v = scalar_delta(where, delta, st.max_abs)
+        st.bounds.admit(where, "delta", st.nk, q=[(c, v)])
+        st.Q[r, c] = st.Q[r, c] + v
+        st.QT[c, r] = st.Q[r, c]
+        refresh_rows(st, [r])
+        st.stats["query_updates"] += 1
 
     def query(self, i: int, j: int) -> float:
         r"""``softmax(scale·QKᵀ)V[i, j]`` with every pending update included, as a Python float.
@@ -317,13 +262,13 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
         ``O(|J|·d)`` for the new scores plus ``O(nnz(ΔV[:, j]))``.
         """
         where = "refattn.DynamicAttention.query"
-        i = check_index(where, "i", i, self._n_q, f"the {self._n_q} query rows")
-        j = check_index(where, "j", j, self._d_v, f"the {self._d_v} output columns")
-        self._stats["queries"] += 1
+        st = self._st
+        i = check_index(where, "i", i, st.n_q, f"the {st.n_q} query rows")
+        j = check_index(where, "j", j, st.d_v, f"the {st.d_v} output columns")
         self._after_query()
-        if not self._pk and not self._pv:
-            return float(self._AVt[j, i] / self._D[i])
-        return self._query_pending(i, j)
+        if not st.pk and not st.pv:
+            return float(st.AVt[j, i] / st.D[i])
+        return query_pending(st, i, j)
 
     def weights(self, i: int) -> Array:
         """Row i of ``D⁻¹A`` (shape ``(n_k,)``, sums to 1), pending K updates included.
@@ -331,59 +276,59 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
         ``O(n_k + |J|·d)``; nothing is flushed.
         """
         where = "refattn.DynamicAttention.weights"
-        i = check_index(where, "i", i, self._n_q, f"the {self._n_q} query rows")
-        xp = self._xp
-        self._stats["queries"] += 1
+        st = self._st
+        i = check_index(where, "i", i, st.n_q, f"the {st.n_q} query rows")
+        xp = st.xp
         self._after_query()
-        a = xp.asarray(self._At[: self._nk, i], copy=True)
-        if self._pk:
-            J, J_dev, KJ, _ = self._key_rows()
-            s = self._scale * (KJ @ self._Q[i, :])
-            m = xp.maximum(self._c[i], xp.max(s))
-            a = a * xp.exp(self._c[i] - m)
+        a = xp.asarray(st.At[: st.nk, i], copy=True)
+        if st.pk:
+            J, J_dev, KJ, _ = key_rows(st)
+            s = st.scale * (KJ @ st.Q[i, :])
+            m = xp.maximum(st.c[i], xp.max(s))
+            a = a * xp.exp(st.c[i] - m)
             put(xp, a, J, J_dev, xp.exp(s - m), axis=0)
         total = xp.sum(a)
-        if not bool(total >= self._tiny):
-            return self._fresh_row(i)
+        if not bool(total >= st.tiny):
+            return fresh_row(st, i)
         return a / total
 
     def output(self) -> Array:
         """The full ``(n_q, d_v)`` output ``D⁻¹AV``. Flushes pending updates first."""
         self.flush()
-        return (self._AVt / self._D).T
+        return (self._st.AVt / self._st.D).T
 
     def flush(self) -> None:
         """Apply the pending K and V updates (see the class notes and ``docs/dynamic.md``)."""
-        if not self._pk and not self._pv:
-            return
-        self._apply_pending(control_drift=True)
+        if self._st.pending:
+            apply_pending(self._st, check_drift=True)
 
     def rebuild(self) -> None:
         """Apply pending updates and recompute everything: resets the shifts and the drift."""
-        self._fold_pending()
-        self._recompute_all()
-        self._stats["rebuilds"] += 1
+        fold_pending(self._st)
+        recompute_all(self._st)
+        self._st.stats["rebuilds"] += 1
 
     def append(self, k_row: Array, v_row: Array) -> None:
         """Add a key/value token as row ``n_k`` of K and V; ``O(n_q·(d + d_v))`` amortized."""
         where = "refattn.DynamicAttention.append"
-        k = self._row_input(where, "k_row", k_row, self._d)
-        v = self._row_input(where, "v_row", v_row, self._d_v)
-        self._bounds.admit_rows(where, "k_row, v_row", self._nk + 1, k, v)
-        xp, nk = self._xp, self._nk
-        self._ensure_capacity(nk + 1)
-        s = self._scale * (self._Q @ k)
-        self._raise_shifts(self._shift_target(s))
-        a = xp.exp(s - self._c)
-        self._K[nk, ...] = k
-        self._V[nk, ...] = v
-        self._At[nk, ...] = a
-        self._D += a
-        self._AVt += xp.reshape(v, (self._d_v, 1)) * xp.reshape(a, (1, self._n_q))
-        self._drift += (2.0 * self._u) * (xp.abs(self._D) + a)
-        self._nk = nk + 1
-        self._stats["appends"] += 1
-        self._control_drift()
+        st = self._st
+        k = self._row_input(where, "k_row", k_row, st.d)
+        v = self._row_input(where, "v_row", v_row, st.d_v)
+        st.bounds.admit_rows(where, "k_row, v_row", st.nk + 1, k, v)
+        xp, nk = st.xp, st.nk
+        st.grow(nk + 1)
+        s = st.scale * (st.Q @ k)
+        raise_shifts(st, shift_target(st, s))
+        a = xp.exp(s - st.c)
+        st.K[nk, ...] = k
+        st.V[nk, ...] = v
+        st.At[nk, ...] = a
+        st.D += a
+        st.AVt += xp.reshape(v, (st.d_v, 1)) * xp.reshape(a, (1, st.n_q))
+        st.drift += (2.0 * st.u) * (xp.abs(st.D) + a)
+        st.nk = nk + 1
+        st.stats["appends"] += 1
+        control_drift(st)
 
     def remove(self, r: int) -> None:
         """Drop key/value row r; later rows move down by one (pending updates follow them).
@@ -391,25 +336,26 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
         ``O(n_q·d_v)`` arithmetic plus moving the ``n_k - r - 1`` rows after it.
         """
         where = "refattn.DynamicAttention.remove"
-        r = check_index(where, "r", r, self._nk, f"K and V with {self._nk} rows")
-        if self._nk == 1:
+        st = self._st
+        r = check_index(where, "r", r, st.nk, f"K and V with {st.nk} rows")
+        if st.nk == 1:
             raise ValueError(f"{where}: cannot remove the only key (softmax over no keys)")
-        xp, nk = self._xp, self._nk
-        a = xp.asarray(self._At[r, ...], copy=True)
-        v = self._V[r, ...]
-        self._D -= a
-        self._AVt -= xp.reshape(v, (self._d_v, 1)) * xp.reshape(a, (1, self._n_q))
-        self._drift += (2.0 * self._u) * (xp.abs(self._D) + 2.0 * a)
-        for buf in (self._At, self._K, self._V):
+        xp, nk = st.xp, st.nk
+        a = xp.asarray(st.At[r, ...], copy=True)
+        v = st.V[r, ...]
+        st.D -= a
+        st.AVt -= xp.reshape(v, (st.d_v, 1)) * xp.reshape(a, (1, st.n_q))
+        st.drift += (2.0 * st.u) * (xp.abs(st.D) + 2.0 * a)
+        for buf in (st.At, st.K, st.V):
             if r < nk - 1:
                 buf[r : nk - 1, ...] = xp.asarray(buf[r + 1 : nk, ...], copy=True)
-        self._nk = nk - 1
-        self._pk.drop_row(r)
-        self._pv.drop_row(r)
-        self._key_err = {k - (k > r): e for k, e in self._key_err.items() if k != r}
-        self._k_cache = None
-        self._stats["removes"] += 1
-        self._control_drift()
+        st.nk = nk - 1
+        st.pk.drop_row(r)
+        st.pv.drop_row(r)
+        st.key_err = {k - (k > r): e for k, e in st.key_err.items() if k != r}
+        st.k_cache = None
+        st.stats["removes"] += 1
+        control_drift(st)
 
     def approximation_error(self) -> float:
         """Max relative error of the maintained output against a fresh float64 recompute.
@@ -420,17 +366,31 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
         (relative per query row, in the infinity norm). ``O(n_q·n_k·(d + d_v))`` time and a
         copy of ``A``.
         """
-        xp = self._xp
-        state = self._clone()
-        if state._pk or state._pv:
-            state._apply_pending(control_drift=False)
-        got = xp.astype((state._AVt / state._D).T, xp.float64)
-        nk = state._nk
-        ref = reference_output(xp, state._Q, state._K[:nk, ...], state._V[:nk, ...], self._scale)
+        st = self._st.clone()
+        xp = st.xp
+        if st.pending:
+            apply_pending(st, check_drift=False)
+        got = xp.astype((st.AVt / st.D).T, xp.float64)
+        nk = st.nk
+        ref = reference_output(xp, st.Q, st.K[:nk, ...], st.V[:nk, ...], st.scale)
         err = xp.max(xp.abs(got - ref), axis=1)
         den = xp.max(xp.abs(ref), axis=1)
         den = xp.where(den > 0, den, xp.ones_like(den))
         return float(xp.max(err / den))
+
+    # ----------------------------------------------------------------------------------------
+    # the update policy
+    # ----------------------------------------------------------------------------------------
+
+    def _after_updates(self, count: int, key_count: int) -> None:
+        """Tell the policy; flush when the pending updates reach its threshold."""
+        self._policy.record_updates(count, key_count, self.shape)
+        if self._st.pending >= self._policy.threshold:
+            apply_pending(self._st, check_drift=True)
+
+    def _after_query(self) -> None:
+        self._st.stats["queries"] += 1
+        self._policy.record_query(self.shape)
 
     # ----------------------------------------------------------------------------------------
     # validation
@@ -449,9 +409,10 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
     def _batch(
         self, where: str, rows: Any, cols: Any, deltas: Any, n_cols: int, name: str
     ) -> tuple[list[int], list[int], list[float]]:
-        r = host_indices(where, "rows", rows, self._nk, f"{name} with {self._nk} rows")
+        nk = self._st.nk
+        r = host_indices(where, "rows", rows, nk, f"{name} with {nk} rows")
         c = host_indices(where, "cols", cols, n_cols, f"{name} with {n_cols} columns")
-        v = host_deltas(where, deltas, self._max_abs)
+        v = host_deltas(where, deltas, self._st.max_abs)
         if not len(r) == len(c) == len(v):
             raise ValueError(
                 f"{where}: rows, cols and deltas must have the same length, got "
@@ -460,17 +421,16 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
         return r, c, v
 
     def _row_input(self, where: str, name: str, x: Any, size: int) -> Array:
-        xp = self._xp
+        xp, dtype_name = self._st.xp, self._st.dtype_name
         x = densify(x)
         if hasattr(x, "dtype"):
             if is_complex_or_bool(x.dtype) or "float" not in str(x.dtype):
                 raise TypeError(
-                    f"{where}: {name} must be real floating ({self._dtype_name}), got {describe(x)}"
+                    f"{where}: {name} must be real floating ({dtype_name}), got {describe(x)}"
                 )
-            if str(x.dtype).split(".")[-1] != self._dtype_name:
+            if str(x.dtype).split(".")[-1] != dtype_name:
                 raise TypeError(
-                    f"{where}: {name} must have the state's dtype {self._dtype_name}, "
-                    f"got {describe(x)}"
+                    f"{where}: {name} must have the state's dtype {dtype_name}, got {describe(x)}"
                 )
         else:  # a list or a scalar sequence: its own dtype must be floating too
             try:
@@ -485,7 +445,7 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
             if kind != "f":
                 raise TypeError(f"{where}: {name} must be a real vector, got {x!r}")
         try:
-            arr = xp.asarray(x, dtype=self._dtype, device=self._device)
+            arr = xp.asarray(x, dtype=self._st.dtype, device=self._st.device)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{where}: {name} must be a real vector, got {describe(x)}") from exc
         if arr.ndim == 2 and arr.shape[0] == 1:
@@ -495,20 +455,3 @@ class DynamicAttention(QueryPaths, Flushing, DriftControl, AdaptiveThreshold):
         if not bool(xp.all(xp.isfinite(arr))):
             raise ValueError(f"{where}: {name} must be finite, got NaN or inf entries")
         return xp.asarray(arr, copy=True)
-
-    def _clone(self) -> DynamicAttention:
-        """A copy whose arrays and pending batches are independent of ``self``'s."""
-        xp = self._xp
-        other = object.__new__(DynamicAttention)
-        other.__dict__.update(self.__dict__)
-        for name in ("_Q", "_QT", "_K", "_V", "_At", "_AVt", "_D", "_c", "_drift"):
-            setattr(other, name, xp.asarray(getattr(self, name), copy=True))
-        other._bounds = self._bounds.copy()
-        other._qmax = other._bounds.q
-        other._key_err = dict(self._key_err)
-        other._pk = self._pk.copy()
-        other._pv = self._pv.copy()
-        other._k_cache = None
-        other._work = {}
-        other._stats = dict(self._stats)
-        return other

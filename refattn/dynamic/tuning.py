@@ -89,52 +89,57 @@ class CostModel:
 COST = CostModel()
 
 
-class AdaptiveThreshold:
-    """The adaptive threshold of :class:`~refattn.dynamic.DynamicAttention` (a part of it)."""
+class UpdatePolicy:
+    """When to flush: at a fixed number of pending updates, or at the adaptive threshold.
 
-    # ----------------------------------------------------------------------------------------
-    # the adaptive threshold
-    # ----------------------------------------------------------------------------------------
+    The policy sees only operation counts and the shape ``(n_q, n_k, d, d_v)``; the flush is the
+    caller's. It keeps exponential averages, over windows of ``TUNE_EVERY`` operations, of
+    updates, K updates and queries (``query`` and ``weights``), and sets :attr:`threshold` to
+    the T that minimises :meth:`CostModel.per_update` for the observed queries per update and K
+    share (``docs/dynamic.md``).
+    """
 
-    def _after_updates(self, count: int, key_count: int) -> None:
-        self._win_updates += count
-        self._win_key_updates += key_count
-        if self._win_updates + self._win_queries >= TUNE_EVERY:
-            self._tune()
-        if len(self._pk) + len(self._pv) >= self._threshold_now:
-            self._apply_pending(control_drift=True)
+    def __init__(self, fixed: int | None, shape: tuple[int, int, int, int]) -> None:
+        self.fixed = fixed
+        self.win_updates = self.win_key_updates = self.win_queries = 0
+        self.rate_updates = 1.0
+        self.rate_queries = 1.0
+        self.rate_key_updates = 0.5
+        self.threshold = fixed or 1
+        if fixed is None:
+            self.tune(shape)
 
-    def _after_query(self) -> None:
-        self._win_queries += 1
-        if self._win_updates + self._win_queries >= TUNE_EVERY:
-            self._tune()
+    def record_updates(self, count: int, key_count: int, shape: tuple[int, int, int, int]) -> None:
+        """``count`` updates were deferred, ``key_count`` of them to K."""
+        self.win_updates += count
+        self.win_key_updates += key_count
+        if self.win_updates + self.win_queries >= TUNE_EVERY:
+            self.tune(shape)
 
-    def _tune(self) -> None:
-        """Fold the operation counters into running rates and re-derive the threshold.
+    def record_query(self, shape: tuple[int, int, int, int]) -> None:
+        """One query (``query`` or ``weights``) was answered."""
+        self.win_queries += 1
+        if self.win_updates + self.win_queries >= TUNE_EVERY:
+            self.tune(shape)
 
-        The rates are exponential averages over windows of ``TUNE_EVERY`` operations: updates,
-        K updates and queries (``query`` and ``weights``). The threshold is the T that
-        minimises :meth:`CostModel.per_update` for the observed queries per update and K
-        share (``docs/dynamic.md``).
-        """
+    def tune(self, shape: tuple[int, int, int, int]) -> None:
+        """Fold the window's counts into the running rates and re-derive the threshold."""
         w = TUNE_WEIGHT
-        if self._win_updates or self._win_queries:
-            self._rate_updates = (1 - w) * self._rate_updates + w * self._win_updates
-            self._rate_queries = (1 - w) * self._rate_queries + w * self._win_queries
-            self._rate_key_updates = (1 - w) * self._rate_key_updates + w * self._win_key_updates
-            self._win_updates = self._win_key_updates = self._win_queries = 0
-        if self._threshold_fixed is not None:
-            self._threshold_now = self._threshold_fixed
-            return
-        self._threshold_now = self._adaptive_threshold()
+        if self.win_updates or self.win_queries:
+            self.rate_updates = (1 - w) * self.rate_updates + w * self.win_updates
+            self.rate_queries = (1 - w) * self.rate_queries + w * self.win_queries
+            self.rate_key_updates = (1 - w) * self.rate_key_updates + w * self.win_key_updates
+            self.win_updates = self.win_key_updates = self.win_queries = 0
+        self.threshold = self.fixed if self.fixed is not None else self.adaptive_threshold(shape)
 
-    def _adaptive_threshold(self) -> int:
+    def adaptive_threshold(self, shape: tuple[int, int, int, int]) -> int:
         """The T on a geometric grid (ratio about 1.5) that minimises the modelled cost per
         update, capped at ``max(64, 2·n_k)``."""
-        cap = max(64, 2 * self._nk)
-        lam = self._rate_queries / max(self._rate_updates, 1e-9)
-        fk = min(1.0, self._rate_key_updates / max(self._rate_updates, 1e-9))
-        args = (lam, fk, self._n_q, self._d, self._d_v)
+        n_q, n_k, d, d_v = shape
+        cap = max(64, 2 * n_k)
+        lam = self.rate_queries / max(self.rate_updates, 1e-9)
+        fk = min(1.0, self.rate_key_updates / max(self.rate_updates, 1e-9))
+        args = (lam, fk, n_q, d, d_v)
         best_t, best_cost = 1, COST.per_update(1, *args)
         t = 2
         while t <= cap:

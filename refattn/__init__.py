@@ -150,3 +150,8 @@ __all__ += [
     "longformer_dilated_pattern",
     "strided_pattern",
 ]
+
+# issue 17: packed variable-length sequences
+from .ops import varlen_attention  # noqa: E402
+
+__all__ += ["varlen_attention"]

@@ -326,6 +326,38 @@ CASES = [
         ValueError,
         ("eps",),
     ),
+    # ---- padded and packed sequences
+    Bad(
+        "sdpa key_lengths out of range",
+        _sdpa(key_lengths=[99] * int(np.prod(Q.shape[:-3]))),
+        ValueError,
+        ("key_lengths", "99"),
+    ),
+    Bad("sdpa query_lengths float", _sdpa(query_lengths=1.5), TypeError, ("query_lengths",)),
+    Bad(
+        "varlen cu_seqlens decreasing",
+        lambda _: refattn.varlen_attention(
+            np.zeros((4, 1, 3)),
+            np.zeros((4, 1, 3)),
+            np.zeros((4, 1, 3)),
+            cu_seqlens_q=[0, 3, 1, 4],
+            cu_seqlens_k=[0, 1, 2, 4],
+        ),
+        ValueError,
+        ("cu_seqlens_q", "non-decreasing"),
+    ),
+    Bad(
+        "varlen cu_seqlens short",
+        lambda _: refattn.varlen_attention(
+            np.zeros((4, 1, 3)),
+            np.zeros((4, 1, 3)),
+            np.zeros((4, 1, 3)),
+            cu_seqlens_q=[0, 4],
+            cu_seqlens_k=[0, 3],
+        ),
+        ValueError,
+        ("cu_seqlens_k", "4"),
+    ),
     # ---- block-sparse attention and its patterns
     Bad(
         "block_sparse layout shape",

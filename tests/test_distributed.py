@@ -65,18 +65,13 @@ def _chunked(x: np.ndarray, rows: tuple[int, ...]) -> da.Array:
 
 
 def _reference(q, k, v, do, *, is_causal, causal_alignment, key_lengths, scale=None):
-    """The single-process tiled kernel, with key lengths as a boolean mask."""
-    mask = None
-    if key_lengths is not None:
-        batch = q.shape[:-3]
-        lengths = np.asarray(key_lengths).reshape(*batch, 1, 1, 1)
-        mask = np.arange(k.shape[-2]) < lengths
+    """The single-process tiled kernel, with the same key lengths."""
     (o, lse), pullback = refattn.vjp(
         refattn.scaled_dot_product_attention,
         q,
         k,
         v,
-        mask=mask,
+        key_lengths=key_lengths,
         is_causal=is_causal,
         causal_alignment=causal_alignment,
         scale=scale,
@@ -159,6 +154,19 @@ CASES = {
         True,
         "lower_right",
         [50, 9],
+    ),
+    # each sequence on its own diagonal k_b - n_q (the core op's rule, FlashAttention's)
+    "key-lengths-lower-right-nq<nk": (
+        (3,),
+        2,
+        1,
+        30,
+        90,
+        (10, 20),
+        (40, 50),
+        True,
+        "lower_right",
+        [90, 50, 31],
     ),
     "two-batch-axes": (
         (2, 2),

@@ -63,6 +63,7 @@ class Layout:
     pairs: tuple[Pair, ...]
     scale: float
     key_lengths: tuple[int, ...] | None
+    shifts: tuple[int, ...] | None  # per sequence: its diagonal below the pairs' delta
     block_size: tuple[int, int] | None
     split_every: int
     d_v: int
@@ -79,6 +80,7 @@ class Layout:
             "delta": pair.delta,
             "c0": pair.c0,
             "key_lengths": self.key_lengths,
+            "shifts": self.shifts,
             "scale": self.scale,
             "block_size": self.block_size,
         }
@@ -204,6 +206,11 @@ def layout(
     n_q, n_k = int(q.shape[-2]), int(k.shape[-2])
     lengths = _check_key_lengths(key_lengths, math.prod(q.shape[:-3]), n_k)
     offset = blocks.causal_offset(causal_alignment, n_q, n_k) if is_causal else None
+    shifts = None
+    if offset is not None and lengths is not None and causal_alignment == "lower_right":
+        # each sequence on its own diagonal k_b - n_q; the pairs carry the loosest one
+        offset = max(n - n_q for n in lengths)
+        shifts = tuple(offset - (n - n_q) for n in lengths)
     q_chunks, k_chunks = tuple(q.chunks[-2]), tuple(k.chunks[-2])
     pairs = []
     r0 = 0
@@ -222,6 +229,7 @@ def layout(
         pairs=tuple(pairs),
         scale=scale,
         key_lengths=lengths,
+        shifts=shifts,
         block_size=check_block_size(block_size, OP),
         split_every=_check_split_every(split_every),
         d_v=int(v.shape[-1]),
@@ -313,7 +321,9 @@ def scaled_dot_product_attention(
         Defaults to ``1 / sqrt(d_k)``.
     key_lengths : sequence of ints, optional
         Padding: batch element ``b`` (batch axes flattened) sees keys ``j < key_lengths[b]``
-        only. Concrete values, since pairs past every length are left out of the graph.
+        only; with "lower_right" its diagonal is its own, ``j <= i + key_lengths[b] - n_q``
+        (the core op's rule). Concrete values, since pairs past every length are left out of
+        the graph.
         A row that sees no key gives ``out = 0``, ``lse = -inf`` (and zero gradients).
     return_lse : bool
         Also return the LSE (..., Hq, n_q), chunked like ``q``.

@@ -16,8 +16,13 @@ the pair's local indices,
 
     j_{loc} - i_{loc} \le \delta, \qquad \delta = o + r_0 - c_0,
 
-which is the tiled kernel's :class:`~refattn.ops.sdpa.plan.Pattern` with ``causal = δ``; key
-lengths become a boolean mask of the pair's keys. A pair's partial is its own attention,
+which is the tiled kernel's :class:`~refattn.ops.sdpa.plan.Pattern` with ``causal = δ``. With
+key lengths ``k_b`` the pair is a padded batch (:class:`~refattn.ops.sdpa.plan.Lengths`): batch
+element ``b`` sees the pair's keys ``j_loc < k_b - c_0`` on its own diagonal
+``δ_b = o_b + r_0 - c_0``, where ``o_b = k_b - n_q`` under "lower_right" (each sequence aligned
+on its own length, as the core op's ``key_lengths``) and 0 under "upper_left"; ``δ`` is then the
+largest ``δ_b`` (a pair is scheduled when any sequence sees it), and ``shifts[b] = δ - δ_b``.
+A pair's partial is its own attention,
 normalized over its keys only:
 
 .. math::
@@ -54,7 +59,7 @@ from typing import Any
 from .._backend import namespace
 from .._runtime import fix_malloc_thresholds, serial
 from ..ops.sdpa import tiled
-from ..ops.sdpa.plan import EMPTY, FULL, Pattern
+from ..ops.sdpa.plan import EMPTY, FULL, Lengths, Pattern
 from ..ops.sdpa.problem import Problem, prepare
 
 __all__ = [
@@ -80,8 +85,9 @@ def pair_state(
     delta: int | None, rows: int, cols: int, c0: int, key_lengths: Sequence[int] | None
 ) -> tuple[int, bool]:
     """``(state, needs_key_mask)`` of the pair whose causal offset is ``delta`` (None: not
-    causal): state is EMPTY (never scheduled), FULL or PARTIAL (``plan`` constants), and the
-    key mask is needed when some batch element's length ends inside the keys ``c0:c0 + cols``.
+    causal; with key lengths the loosest sequence's): state is EMPTY (never scheduled), FULL or
+    PARTIAL (``plan`` constants), and the key mask is needed when some batch element's length
+    ends inside the keys ``c0:c0 + cols``.
     """
     if rows == 0 or cols == 0:
         return EMPTY, False
@@ -114,24 +120,23 @@ def _problem(
     delta: int | None,
     c0: int,
     key_lengths: Sequence[int] | None,
+    shifts: Sequence[int] | None,
     scale: float,
     block_size: tuple[int, int] | None,
 ) -> Problem:
-    """The pair as a tiled-kernel problem: the key-length mask and the shifted causal rule."""
+    """The pair as a tiled-kernel problem: the shifted causal rule, and with key lengths each
+    sequence's local keys and diagonal (module docstring)."""
     q, k, v = _fresh(q, k, v)
-    xp = namespace(q, k, v)
-    mask = None
-    if key_lengths is not None and min(key_lengths) < c0 + int(k.shape[-2]):
-        batch = tuple(q.shape[:-3])
-        lengths = xp.reshape(
-            xp.asarray(list(key_lengths), device=getattr(q, "device", None)), (*batch, 1, 1, 1)
+    pb = prepare(q, k, v, scale=scale, implementation="tiled", block_size=block_size, op=OP)
+    if key_lengths is not None and min(key_lengths) < c0 + pb.n_k:
+        local = tuple(min(max(n - c0, 0), pb.n_k) for n in key_lengths)
+        shifts = (0,) * len(local) if shifts is None else tuple(shifts)
+        diagonals = tuple((0 if delta is None else delta) - s for s in shifts)
+        pb.lengths = Lengths(
+            (pb.n_q,) * len(local), local, diagonals, delta is not None, None, None
         )
-        cols = xp.arange(c0, c0 + int(k.shape[-2]), device=getattr(q, "device", None))
-        mask = cols < lengths
-    pb = prepare(
-        q, k, v, mask=mask, scale=scale, implementation="tiled", block_size=block_size, op=OP
-    )
-    if delta is not None:
+        pb.pattern = Pattern(causal=delta, rows=pb.n_q, keys=max(local))
+    elif delta is not None:
         state = Pattern(causal=delta).tile_state(0, pb.n_q, 0, pb.n_k)
         pb.pattern = None if state == FULL else Pattern(causal=delta)
     return pb
@@ -145,6 +150,7 @@ def pair_forward(
     delta: int | None = None,
     c0: int = 0,
     key_lengths: Sequence[int] | None = None,
+    shifts: Sequence[int] | None = None,
     scale: float,
     block_size: tuple[int, int] | None = None,
 ) -> tuple[Array, Array]:
@@ -152,13 +158,15 @@ def pair_forward(
 
     ``q (..., Hq, b_q, d_k)``, ``k (..., Hkv, b_k, d_k)``, ``v (..., Hkv, b_k, d_v)``; ``delta``
     the local causal offset (None: not causal), ``c0`` the first key's global index (for
-    ``key_lengths``, one length per batch element, flattened). Rows that see no key of the pair
+    ``key_lengths``, one length per batch element, flattened), ``shifts`` how far each
+    sequence's diagonal sits below ``delta`` (None: all on it). Rows that see no key of the pair
     have ``O = 0`` and ``lse = -inf``.
     """
     fix_malloc_thresholds()
     pb = _problem(
-        q, k, v, delta=delta, c0=c0, key_lengths=key_lengths, scale=scale, block_size=block_size
-    )
+        q, k, v, delta=delta, c0=c0, key_lengths=key_lengths, shifts=shifts, scale=scale,
+        block_size=block_size,
+    )  # fmt: skip
     with serial():
         o, _, lse, _ = tiled.forward(pb, want_weights=False)
     return pb.result(o, None, lse, return_lse=True)
@@ -205,6 +213,7 @@ def pair_backward(
     delta: int | None = None,
     c0: int = 0,
     key_lengths: Sequence[int] | None = None,
+    shifts: Sequence[int] | None = None,
     scale: float,
     block_size: tuple[int, int] | None = None,
 ) -> tuple[Array, Array, Array]:
@@ -216,8 +225,9 @@ def pair_backward(
     """
     fix_malloc_thresholds()
     pb = _problem(
-        q, k, v, delta=delta, c0=c0, key_lengths=key_lengths, scale=scale, block_size=block_size
-    )
+        q, k, v, delta=delta, c0=c0, key_lengths=key_lengths, shifts=shifts, scale=scale,
+        block_size=block_size,
+    )  # fmt: skip
     xp = pb.xp
     o, lse, d_o = _fresh(o, lse, d_o)
     rows = tuple(pb.q.shape[:4])

@@ -15,6 +15,7 @@ from .sparse_patterns import (
     longformer_dilated_pattern,
     strided_pattern,
 )
+from .varlen import varlen_attention
 from .window import sliding_window_attention
 from .xca import cross_covariance_attention
 
@@ -41,4 +42,5 @@ __all__ = [
     "softmax",
     "sparsemax",
     "strided_pattern",
+    "varlen_attention",
 ]

@@ -40,6 +40,8 @@ def _sdpa_fwd(
     is_causal: bool = False,
     causal_alignment: str = "upper_left",
     window: int | tuple[int | None, int | None] | None = None,
+    query_lengths: Any = None,
+    key_lengths: Any = None,
     scale: float | None = None,
     softcap: float | None = None,
     dropout_mask: Array | None = None,
@@ -78,7 +80,9 @@ def _sdpa_fwd(
     causal_alignment : {"upper_left", "lower_right"}
         "upper_left" (torch and JAX): key ``j`` is visible to query ``i`` iff ``j <= i``.
         "lower_right" (FlashAttention): iff ``j <= i + n_k - n_q``. The local ``window`` is
-        aligned on the same diagonal.
+        aligned on the same diagonal. The offset ``n_k - n_q`` is the arrays' own: a padding
+        ``mask`` does not move it; give ``query_lengths``/``key_lengths`` to align each
+        sequence on its own lengths, as FlashAttention does.
     window : int or (left, right), optional
         Local attention: query ``i`` sees keys ``i + o - left <= j <= i + o + right`` with the
         diagonal offset ``o`` of ``causal_alignment`` (0, or ``n_k - n_q``); ``None`` on a side
@@ -86,6 +90,15 @@ def _sdpa_fwd(
         ``local_window_size``; lower-right is FlashAttention's ``window_size`` (whose ``-1`` is
         ``None`` here). Combined with ``is_causal`` by AND. The tiled kernel skips every tile
         outside the band.
+    query_lengths, key_lengths : ints, one per batch element, optional
+        A padded batch (JAX's ``query_seq_lengths``/``key_value_seq_lengths``): element ``b``
+        has the queries ``i < query_lengths[b]`` and the keys ``j < key_lengths[b]`` (None: all
+        of them). Shaped like the batch axes (or flat), any backend's integer array or a
+        sequence, read on the host. Padded rows are fully masked rows (output 0). With
+        "lower_right", each sequence's causal diagonal and window sit at its own offset
+        ``key_lengths[b] - query_lengths[b]`` (FlashAttention's varlen rule, ``attention_ref``
+        with padding masks); with "upper_left" the lengths only pad. The tiled kernel skips
+        tiles that no sequence sees. Packed sequences: :func:`refattn.varlen_attention`.
     scale : float, optional
         Defaults to ``1 / sqrt(d_k)``.
     softcap : float > 0, optional
@@ -141,6 +154,8 @@ def _sdpa_fwd(
         is_causal=is_causal,
         causal_alignment=causal_alignment,
         window=window,
+        query_lengths=query_lengths,
+        key_lengths=key_lengths,
         scale=scale,
         softcap=softcap,
         dropout_mask=dropout_mask,

@@ -20,6 +20,7 @@ __all__ = [
     "FULL",
     "PARTIAL",
     "Heads",
+    "Lengths",
     "Pattern",
     "Plan",
     "causal_pattern",
@@ -49,7 +50,9 @@ class Pattern:
         (j - i \le \mathrm{causal}) \wedge \bigl(\mathrm{band}(i, j) \vee i < G \vee j < G\bigr),
         \qquad \mathrm{band}(i, j) = (i - j \le \mathrm{left}) \wedge (j - i \le \mathrm{right}),
 
-    where a ``None`` bound is absent and ``G = n_global``.
+    where a ``None`` bound is absent and ``G = n_global``; besides, no query ``i >= rows`` and no
+    key ``j >= keys`` is visible (one sequence of a padded batch, :meth:`Lengths.pattern`;
+    ``None``: no bound).
 
     * causal SDPA: ``Pattern(causal=0)`` (upper-left) or ``causal=n_k - n_q`` (lower-right),
       :func:`causal_pattern`;
@@ -61,14 +64,19 @@ class Pattern:
     left: int | None = None
     right: int | None = None
     n_global: int = 0
+    rows: int | None = None
+    keys: int | None = None
 
     def tile_state(self, r0: int, r1: int, c0: int, c1: int) -> int:
         """Whether rows ``r0:r1`` x keys ``c0:c1`` are all hidden, all visible, or mixed."""
-        causal_full = True
+        rows, keys = self.rows, self.keys
+        if (rows is not None and r0 >= rows) or (keys is not None and c0 >= keys):
+            return EMPTY
+        causal_full = (rows is None or r1 <= rows) and (keys is None or c1 <= keys)
         if self.causal is not None:
             if c0 - (r1 - 1) > self.causal:  # the smallest j - i is already too large
                 return EMPTY
-            causal_full = (c1 - 1) - r0 <= self.causal
+            causal_full = causal_full and (c1 - 1) - r0 <= self.causal
         left, right, g = self.left, self.right, self.n_global
         band_empty = (left is not None and r0 - (c1 - 1) > left) or (
             right is not None and c0 - (r1 - 1) > right
@@ -86,7 +94,8 @@ class Pattern:
 
     def key_ranges(self, r0: int, r1: int, n_k: int) -> list[tuple[int, int]]:
         """Key intervals that may hold visible keys for rows ``r0:r1`` (a superset)."""
-        hi = n_k if self.causal is None else max(0, min(n_k, r1 + self.causal))
+        hi = n_k if self.keys is None else min(n_k, self.keys)
+        hi = hi if self.causal is None else max(0, min(hi, r1 + self.causal))
         if r0 < self.n_global:
             return [(0, hi)]
         lo_band = 0 if self.left is None else max(0, r0 - self.left)
@@ -114,12 +123,25 @@ class Plan:
     rows : tuple of ``(r0, r1)`` query blocks
     visible : per query block, its non-empty key tiles ``(c0, c1, full)``
     score_bytes : scores computed by one pass over all tiles, in bytes
+    by_chunk : None, or per head chunk its own ``visible`` (a padded batch with lengths: each
+        chunk holds sequences of one rule, :meth:`Lengths.pattern`); see :meth:`tiles`
     """
 
     heads: tuple[Heads, ...]
     rows: tuple[tuple[int, int], ...]
     visible: tuple[tuple[tuple[int, int, bool], ...], ...]
     score_bytes: int = 0
+    by_chunk: tuple[tuple[tuple[tuple[int, int, bool], ...], ...], ...] | None = None
+
+    @functools.cached_property
+    def _chunk_index(self) -> dict[Heads, int]:
+        return {hc: i for i, hc in enumerate(self.heads)}
+
+    def tiles(self, hc: Heads, ri: int) -> tuple[tuple[int, int, bool], ...]:
+        """The key tiles ``(c0, c1, full)`` that row block ``ri`` of heads ``hc`` computes."""
+        if self.by_chunk is None:
+            return self.visible[ri]
+        return self.by_chunk[self._chunk_index[hc]][ri]
 
     @functools.cached_property
     def units(self) -> tuple[tuple[Heads, int], ...]:
@@ -128,6 +150,9 @@ class Plan:
         Taken from a shared queue by the threads, largest first (LPT scheduling), so that the
         unequal units of a causal or banded pattern finish together.
         """
+        if self.by_chunk is not None:
+            every = [(hc, ri) for hc in self.heads for ri in range(len(self.rows))]
+            return tuple(sorted(every, key=lambda u: -len(self.tiles(*u))))
         order = sorted(range(len(self.rows)), key=lambda ri: -len(self.visible[ri]))
         return tuple((hc, ri) for hc in self.heads for ri in order)
 
@@ -146,7 +171,10 @@ class Plan:
 
     @property
     def n_tiles(self) -> int:
-        """Computed tiles per head chunk (for tests and benchmarks)."""
+        """Computed tiles per head chunk, or with :attr:`by_chunk` over all chunks (for tests
+        and benchmarks)."""
+        if self.by_chunk is not None:
+            return sum(len(t) for chunk in self.by_chunk for t in chunk)
         return sum(len(v) for v in self.visible)
 
     @property
@@ -173,6 +201,7 @@ def plan_tiles(
     pattern: Pattern | None,
     blocks: tuple[int, int],
     tile_bytes: int,
+    per_batch: tuple[Pattern, ...] | None = None,
 ) -> Plan:
     """Blocks, head chunks and the visible tiles of a call (cached by shape: read-only).
 
@@ -181,7 +210,9 @@ def plan_tiles(
     so that global rows and columns form their own blocks. Heads are grouped so that a unit's
     tile stays under ``tile_bytes`` (:data:`TILE_BYTES` by default, see
     :func:`~refattn.ops.sdpa.tiled.make_plan`). Planning a causal call costs as much as a small
-    forward, hence the cache.
+    forward, hence the cache. With ``per_batch`` (one exact :class:`Pattern` per batch element,
+    a padded batch's :meth:`Lengths.pattern`) the chunks never mix rules and each lists its
+    own tiles (:attr:`Plan.by_chunk`).
     """
     block_q, block_k = blocks
     split = pattern.n_global if pattern is not None else 0
@@ -189,15 +220,58 @@ def plan_tiles(
     col_edges = _edges(n_k, block_k, split)
     rows = tuple(itertools.pairwise(row_edges))
     cols = list(itertools.pairwise(col_edges))
-    visible = tuple(_visible_tiles(pattern, r0, r1, cols, col_edges, n_k) for r0, r1 in rows)
     tile = max(1, g * min(block_q, max(n_q, 1)) * min(block_k, max(n_k, 1)) * elem_bytes)
-    heads = tuple(_head_chunks(b, h_kv, max(1, tile_bytes // tile)))
-    scores_per_head = sum(
+    per_unit = max(1, tile_bytes // tile)
+    if per_batch is not None:
+        return _plan_by_sequence(
+            h_kv, g, elem_bytes, rows, cols, col_edges, n_k, per_batch, per_unit
+        )
+    visible = tuple(_visible_tiles(pattern, r0, r1, cols, col_edges, n_k) for r0, r1 in rows)
+    heads = tuple(_head_chunks(b, h_kv, per_unit))
+    return Plan(heads, rows, visible, elem_bytes * b * h_kv * g * _scores(rows, visible))
+
+
+def _scores(rows: tuple[tuple[int, int], ...], visible: tuple) -> int:
+    return sum(
         (r1 - r0) * (c1 - c0)
         for (r0, r1), tiles in zip(rows, visible, strict=True)
         for c0, c1, _ in tiles
     )
-    return Plan(heads, rows, visible, elem_bytes * b * h_kv * g * scores_per_head)
+
+
+def _plan_by_sequence(
+    h_kv: int,
+    g: int,
+    elem_bytes: int,
+    rows: tuple[tuple[int, int], ...],
+    cols: list[tuple[int, int]],
+    col_edges: list[int],
+    n_k: int,
+    per_batch: tuple[Pattern, ...],
+    per_unit: int,
+) -> Plan:
+    """A padded batch's plan: runs of batch elements with one rule share head chunks, and each
+    chunk lists the tiles its sequences see (the padding and each diagonal skipped exactly)."""
+    heads, by_chunk, score_elems = [], [], 0
+    cache: dict[Pattern, tuple] = {}
+    b0 = 0
+    while b0 < len(per_batch):
+        b1 = b0 + 1
+        while b1 < len(per_batch) and per_batch[b1] == per_batch[b0]:
+            b1 += 1
+        p = per_batch[b0]
+        if p not in cache:
+            cache[p] = tuple(_visible_tiles(p, r0, r1, cols, col_edges, n_k) for r0, r1 in rows)
+        for hc in _head_chunks(b1 - b0, h_kv, per_unit):
+            heads.append(Heads(hc.b0 + b0, hc.b1 + b0, hc.h0, hc.h1))
+            by_chunk.append(cache[p])
+            score_elems += (hc.b1 - hc.b0) * (hc.h1 - hc.h0) * g * _scores(rows, cache[p])
+        b0 = b1
+    # every tile some sequence computes, per row block (Plan.visible's meaning; informative)
+    union = tuple(
+        tuple(sorted({t for v in cache.values() for t in v[ri]})) for ri in range(len(rows))
+    )
+    return Plan(tuple(heads), rows, union, elem_bytes * score_elems, tuple(by_chunk))
 
 
 def _visible_tiles(
@@ -254,12 +328,51 @@ def default_block(pattern: Pattern | None) -> int:
     return max(64, min(256, (pattern.left + right + 1) // 2))
 
 
+@dataclass(frozen=True)
+class Lengths:
+    r"""The per-sequence rule of a padded batch: lengths, and the diagonal of each sequence.
+
+    Batch element ``b`` (batch axes flattened) has the queries ``i < q[b]`` and the keys
+    ``j < k[b]``; query ``i`` sees key ``j`` iff both are inside and
+
+    .. math::
+
+        (j - i \le o_b \text{ if causal}) \wedge (j - i \ge o_b - \mathrm{left})
+        \wedge (j - i \le o_b + \mathrm{right}),
+
+    with ``o_b = k[b] - q[b]`` ("lower_right": each sequence aligned on its own lengths, as
+    FlashAttention's varlen kernels and ``attention_ref`` with padding masks) or ``o_b = 0``
+    ("upper_left", where lengths change nothing but the padding).
+    :func:`~refattn.ops.sdpa.scores.lengths_keep` evaluates it on a tile.
+    """
+
+    q: tuple[int, ...]
+    k: tuple[int, ...]
+    offsets: tuple[int, ...]
+    causal: bool
+    left: int | None
+    right: int | None
+
+    def pattern(self, b: int) -> Pattern:
+        """Sequence ``b``'s rule as a :class:`Pattern` (exact: the tiled kernels plan and mask
+        each sequence's tiles with it)."""
+        o = self.offsets[b]
+        return Pattern(
+            causal=o if self.causal else None,
+            left=None if self.left is None else self.left - o,
+            right=None if self.right is None else self.right + o,
+            rows=self.q[b],
+            keys=self.k[b],
+        )
+
+
 def causal_pattern(
     is_causal: bool,
     alignment: str,
     n_q: int,
     n_k: int,
     window: tuple[int | None, int | None] | None = None,
+    lengths: Lengths | None = None,
 ) -> Pattern | None:
     """The :class:`Pattern` of SDPA's causal mask and local window (None when neither is set).
 
@@ -267,9 +380,22 @@ def causal_pattern(
     ``o = n_k - n_q`` ("lower_right"). The window ``(left, right)`` keeps keys
     ``i + o - left <= j <= i + o + right`` (None: unbounded on that side), that is
     ``i - j <= left - o`` and ``j - i <= right + o`` in :class:`Pattern`'s terms.
+
+    With per-sequence ``lengths`` the offsets ``o_b`` differ between batch elements; the
+    pattern is then their union (the loosest bound of every side, and the longest lengths),
+    and each sequence's exact rule is :meth:`Lengths.pattern`.
     """
-    offset = 0 if alignment == "upper_left" else n_k - n_q
     left, right = window if window is not None else (None, None)
+    if lengths is not None:
+        lo, hi = min(lengths.offsets, default=0), max(lengths.offsets, default=0)
+        return Pattern(
+            causal=hi if is_causal else None,
+            left=None if left is None else left - lo,
+            right=None if right is None else right + hi,
+            rows=max(lengths.q, default=0),
+            keys=max(lengths.k, default=0),
+        )
+    offset = 0 if alignment == "upper_left" else n_k - n_q
     if not is_causal and left is None and right is None:
         return None
     return Pattern(

@@ -18,16 +18,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..._backend import describe, floating_dtype, itemsize, namespace, real_number
+from ..._backend import describe, floating_dtype, itemsize, namespace, real_number, to_host
 from ..masks import check_alignment
 from ..softmax import check_broadcast, check_mask
-from .plan import Pattern, causal_pattern
+from .plan import Lengths, Pattern, causal_pattern
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "IMPLEMENTATIONS",
     "Problem",
     "check_block_size",
+    "check_lengths",
     "check_score_options",
     "choose_implementation",
     "dropout_scale",
@@ -51,6 +52,10 @@ class Problem:
         The structured part of the mask (causal), evaluated from indices tile by tile
         (:func:`~refattn.ops.sdpa.scores.masked_scores`), never stored as an array;
         :func:`~refattn.ops.sdpa.scores.full_keep` builds the whole mask for references.
+    lengths : :class:`~refattn.ops.sdpa.plan.Lengths` or None
+        Per-sequence lengths of a padded batch and each sequence's causal/window diagonal;
+        then the kernels use each sequence's own rule, and ``pattern`` is only their union
+        (its band width picks the default tile size).
     bias : broadcastable to (B, Hkv, g, n_q, n_k), or None
     drop : dropout multiplier ``mask / (1 - p)`` broadcastable like ``bias``, or None
     scale : Python float
@@ -83,6 +88,7 @@ class Problem:
     out_shape: tuple[int, ...]
     lse_shape: tuple[int, ...]
     weights_shape: tuple[int, ...]
+    lengths: Lengths | None = None
 
     @property
     def n_q(self) -> int:
@@ -145,6 +151,8 @@ def prepare(
     is_causal: bool = False,
     causal_alignment: str = "upper_left",
     window: Any = None,
+    query_lengths: Any = None,
+    key_lengths: Any = None,
     scale: float | None = None,
     softcap: float | None = None,
     dropout_mask: Array | None = None,
@@ -220,6 +228,9 @@ def prepare(
         dropout_mask=dropout_mask,
         dropout_p=dropout_p,
     )
+    lengths = check_lengths(
+        op, scores_shape, query_lengths, key_lengths, is_causal, causal_alignment, window
+    )
     drop = _dropout_multiplier(xp, dropout_mask, dropout_p, dtype)
     blocks = check_block_size(block_size, op)
     alpha = _check_normalizer(op, normalizer, alpha, return_lse, implementation)
@@ -241,7 +252,8 @@ def prepare(
         keep=canon(mask) if mask is not None else None,
         bias=canon(bias) if bias is not None else None,
         drop=canon(drop) if drop is not None else None,
-        pattern=causal_pattern(is_causal, causal_alignment, n_q, n_k, window),
+        pattern=causal_pattern(is_causal, causal_alignment, n_q, n_k, window, lengths),
+        lengths=lengths,
         scale=scale,
         softcap=softcap,
         normalizer=normalizer,
@@ -309,6 +321,61 @@ def check_score_options(
             "refattn ops draw no random numbers"
         )
     return cap, window
+
+
+def check_lengths(
+    op: str,
+    scores_shape: tuple[int, ...],
+    query_lengths: Any,
+    key_lengths: Any,
+    is_causal: bool,
+    causal_alignment: str,
+    window: tuple[int | None, int | None] | None,
+) -> Lengths | None:
+    """The :class:`~refattn.ops.sdpa.plan.Lengths` of a padded batch, or None without lengths.
+
+    ``query_lengths`` and ``key_lengths`` (either may be None: every row, every key) hold one
+    int per batch element: shaped like the batch axes of ``scores_shape`` (or flat), a
+    sequence, NumPy or any backend's integer array (read on the host: they decide the tile
+    plan), each in ``[0, n_q]`` resp. ``[0, n_k]``. ``window`` is already normalized.
+    """
+    if query_lengths is None and key_lengths is None:
+        return None
+    batch = tuple(scores_shape[:-3])
+    n_q, n_k = int(scores_shape[-2]), int(scores_shape[-1])
+    q_len = _lengths(op, "query_lengths", query_lengths, batch, n_q)
+    k_len = _lengths(op, "key_lengths", key_lengths, batch, n_k)
+    if causal_alignment == "lower_right":
+        offsets = tuple(k - q for q, k in zip(q_len, k_len, strict=True))
+    else:
+        offsets = (0,) * len(q_len)
+    left, right = window if window is not None else (None, None)
+    return Lengths(q_len, k_len, offsets, is_causal, left, right)
+
+
+def _lengths(op: str, name: str, value: Any, batch: tuple[int, ...], n: int) -> tuple[int, ...]:
+    count = math.prod(batch)
+    if value is None:
+        return (n,) * count
+    import numpy as np
+
+    host = np.asarray(value) if isinstance(value, (list, tuple, int)) else to_host(value)
+    shape = tuple(host.shape)
+    if host.dtype == np.bool_ or not np.issubdtype(host.dtype, np.integer):
+        raise TypeError(
+            f"refattn.{op}: {name} must hold integers (one length per batch element), got "
+            f"dtype {host.dtype}"
+        )
+    if shape != batch and shape != (count,):
+        raise ValueError(
+            f"refattn.{op}: {name} must have the batch shape {batch} (or {count} lengths, "
+            f"batch axes flattened), got shape {shape}"
+        )
+    flat = [int(x) for x in host.reshape(-1)]
+    bad = [x for x in flat if not 0 <= x <= n]
+    if bad:
+        raise ValueError(f"refattn.{op}: {name} must be in [0, {n}], got {bad[0]}")
+    return tuple(flat)
 
 
 def _check_window(op: str, window: Any) -> tuple[int | None, int | None] | None:

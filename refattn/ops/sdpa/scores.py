@@ -7,12 +7,16 @@ GEMM and applies, in this order,
 .. math::
 
     S = \mathrm{cap}\bigl(\mathrm{scale}\; Q K^\top\bigr) + B, \qquad
-    S_{ij} = -\infty \ \text{where}\ \neg(\mathrm{mask}_{ij} \wedge \mathrm{pattern}(i, j)),
+    S_{ij} = -\infty \ \text{where}\ \neg(\mathrm{mask}_{ij} \wedge \mathrm{pattern}(i, j)
+    \wedge \mathrm{lengths}_b(i, j)),
 
 where :math:`\mathrm{cap}(x) = c \tanh(x / c)` is the softcap (Gemma 2, FlashAttention's
 ``softcap``; the identity when off), ``B`` the bias and ``pattern`` the structured (causal) mask
-evaluated from indices. The order is FlashAttention's (``attention_ref``): cap, then bias, then
-mask.
+evaluated from indices; with a padded batch's lengths, ``lengths_b`` is each sequence's own
+rule (its padding, and the causal diagonal and window on its own lengths,
+:class:`~refattn.ops.sdpa.plan.Lengths`): a tiled chunk's sequences share one rule, applied as
+its pattern; the materialized kernel evaluates every sequence's at once (:func:`lengths_keep`).
+The order is FlashAttention's (``attention_ref``): cap, then bias, then mask.
 The materialized kernel calls it once per row block (all keys), the tiled kernels once per
 tile, in base-2 units (``unit = log2 e``: the GEMM already folded it into the scores).
 
@@ -28,12 +32,13 @@ import math
 from typing import Any
 
 from ..._backend import device_of
-from .plan import DEFAULT_BLOCK, Heads, Pattern
+from .plan import DEFAULT_BLOCK, Heads, Lengths, Pattern
 from .problem import Problem
 
 __all__ = [
     "full_keep",
     "heads_of",
+    "lengths_keep",
     "masked_scores",
     "masked_scores_and_slope",
     "pattern_keep",
@@ -135,8 +140,15 @@ def _pipeline(
     if bias is not None:
         s += bias if unit == 1.0 else bias * unit
     keep = tile(pb.keep, hc, r0, r1, c0, c1)
-    if not full and pb.pattern is not None:
-        structured = pattern_keep(pb.pattern, xp, r0, r1, c0, c1, device_of(s))
+    pattern = pb.pattern
+    if pb.lengths is not None and hc is None:  # all sequences at once (materialized)
+        per_seq = lengths_keep(pb.lengths, xp, None, r0, r1, c0, c1, device_of(s))
+        keep = per_seq if keep is None else xp.logical_and(keep, per_seq)
+        pattern = None
+    elif pb.lengths is not None:  # a tiled chunk: its sequences share one rule (the plan's)
+        pattern = pb.lengths.pattern(hc.b0)
+    if not full and pattern is not None:
+        structured = pattern_keep(pattern, xp, r0, r1, c0, c1, device_of(s))
         keep = structured if keep is None else xp.logical_and(keep, structured)
     if keep is not None:
         s = xp.where(keep, s, -math.inf)
@@ -148,10 +160,11 @@ def pattern_keep(
 ) -> Array:
     """The ``(r1 - r0, c1 - c0)`` boolean keep-mask of one tile (read-only: it may be cached).
 
-    Without global tokens the mask depends on ``i - j`` only, so the tiles along one diagonal
-    (all causal diagonal tiles, say) share one cached mask.
+    Without global tokens and length bounds the mask depends on ``i - j`` only, so the tiles
+    along one diagonal (all causal diagonal tiles, say) share one cached mask.
     """
-    if pattern.n_global == 0 and (r1 - r0) * (c1 - c0) <= _CACHED_MASK_ENTRIES:
+    relative = pattern.n_global == 0 and pattern.rows is None and pattern.keys is None
+    if relative and (r1 - r0) * (c1 - c0) <= _CACHED_MASK_ENTRIES:
         return _relative_keep(pattern, xp, r1 - r0, c1 - c0, r0 - c0, device)
     return _keep(pattern, xp, r0, r1, c0, c1, device)
 
@@ -176,6 +189,35 @@ def _keep(pattern: Pattern, xp: Any, r0: int, r1: int, c0: int, c1: int, device:
         keep = xp.logical_or(keep, xp.logical_or(i < pattern.n_global, j < pattern.n_global))
     if pattern.causal is not None:
         keep = xp.logical_and(keep, j - i <= pattern.causal)
+    if pattern.rows is not None:
+        keep = xp.logical_and(keep, i < pattern.rows)
+    if pattern.keys is not None:
+        keep = xp.logical_and(keep, j < pattern.keys)
+    return keep
+
+
+def lengths_keep(
+    lengths: Lengths, xp: Any, hc: Heads | None, r0: int, r1: int, c0: int, c1: int, device: Any
+) -> Array:
+    """The ``(b, 1, 1, r1 - r0, c1 - c0)`` keep-mask of one tile under a padded batch's
+    per-sequence rule (:class:`~refattn.ops.sdpa.plan.Lengths`), for the batch elements of
+    ``hc`` (all when None)."""
+    b = slice(None) if hc is None else slice(hc.b0, hc.b1)
+
+    def column(values: tuple[int, ...]) -> Array:
+        return xp.reshape(xp.asarray(values[b], device=device), (-1, 1, 1, 1, 1))
+
+    i = xp.reshape(xp.arange(r0, r1, device=device), (1, 1, 1, -1, 1))
+    j = xp.reshape(xp.arange(c0, c1, device=device), (1, 1, 1, 1, -1))
+    keep = xp.logical_and(i < column(lengths.q), j < column(lengths.k))
+    if lengths.causal or lengths.left is not None or lengths.right is not None:
+        diagonal = (j - i) - column(lengths.offsets)  # j - (i + o_b)
+        if lengths.causal:
+            keep = xp.logical_and(keep, diagonal <= 0)
+        if lengths.left is not None:
+            keep = xp.logical_and(keep, diagonal >= -lengths.left)
+        if lengths.right is not None:
+            keep = xp.logical_and(keep, diagonal <= lengths.right)
     return keep
 
 
@@ -185,6 +227,9 @@ def full_keep(pb: Problem) -> Array | None:
     It is ``n_q x n_k``: for reference implementations and tests, never for the kernels.
     """
     xp = pb.xp
+    if pb.lengths is not None:
+        per_seq = lengths_keep(pb.lengths, xp, None, 0, pb.n_q, 0, pb.n_k, device_of(pb.q))
+        return per_seq if pb.keep is None else xp.logical_and(pb.keep, per_seq)
     if pb.pattern is None:
         return pb.keep
     structured = _keep(pb.pattern, xp, 0, pb.n_q, 0, pb.n_k, device_of(pb.q))

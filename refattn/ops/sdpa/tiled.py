@@ -102,7 +102,12 @@ def make_plan(pb: Problem, block_size: tuple[int, int] | None = None) -> Plan:
     blocks = block_size or pb.block_size or (block, block)
     elem_bytes = itemsize(pb.xp, pb.q.dtype)
     tile_bytes = tile_plans.TILE_BYTES
-    return plan_tiles(b, h_kv, g, pb.n_q, pb.n_k, elem_bytes, pb.pattern, blocks, tile_bytes)
+    per_batch = None
+    if pb.lengths is not None:  # a padded batch: every sequence planned on its own rule
+        per_batch = tuple(pb.lengths.pattern(i) for i in range(b))
+    return plan_tiles(
+        b, h_kv, g, pb.n_q, pb.n_k, elem_bytes, pb.pattern, blocks, tile_bytes, per_batch
+    )
 
 
 # ----------------------------------------------------------------------------- slicing
@@ -195,7 +200,7 @@ def tiled_forward(
     def run(item: tuple[Heads | None, list[tuple[Heads, int]]]) -> None:
         for hc, ri in item[1]:
             r0, r1 = plan.rows[ri]
-            o_u, lse_u = _forward_unit(pb, plan.visible[ri], hc, r0, r1, weights)
+            o_u, lse_u = _forward_unit(pb, plan.tiles(hc, ri), hc, r0, r1, weights)
             o[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = o_u
             lse[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1] = lse_u
 
@@ -547,7 +552,7 @@ class _BoundedCall:
         tile or the call has no bounds.
         """
         pb, xp, plan = self.pb, self.pb.xp, self.plan
-        tiles = plan.visible[ri]
+        tiles = plan.tiles(hc, ri)
         if not tiles:
             raise _Declined
         q = pb.q[rows]
@@ -675,7 +680,7 @@ def tiled_backward(
             keys = shared if share else AugmentedKeys.of(pb, d_o is not None, chunk)
             for hc, ri in units:
                 r0, r1 = plan.rows[ri]
-                tiles = plan.visible[ri]
+                tiles = plan.tiles(hc, ri)
                 dq_u = _backward_unit(
                     pb, tiles, hc, r0, r1, o, lse, d_o, d_w, d_lse, lane_dk, lane_dv, keys
                 )

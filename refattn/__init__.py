@@ -151,7 +151,7 @@ __all__ += [
     "strided_pattern",
 ]
 
-# issue 17: packed variable-length sequences
-from .ops import varlen_attention  # noqa: E402
+# issue 17: packed variable-length sequences, ALiBi
+from .ops import alibi_bias, alibi_slopes, varlen_attention  # noqa: E402
 
-__all__ += ["varlen_attention"]
+__all__ += ["alibi_bias", "alibi_slopes", "varlen_attention"]

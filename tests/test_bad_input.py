@@ -358,6 +358,14 @@ CASES = [
         ValueError,
         ("cu_seqlens_k", "4"),
     ),
+    # ---- ALiBi
+    Bad("alibi n_heads", lambda _: refattn.alibi_slopes(0), ValueError, ("n_heads", "0")),
+    Bad(
+        "alibi slopes shape",
+        lambda _: refattn.alibi_bias(np.ones((2, 2)), 3, 3),
+        ValueError,
+        ("slopes", "(2, 2)"),
+    ),
     # ---- block-sparse attention and its patterns
     Bad(
         "block_sparse layout shape",

@@ -1,5 +1,6 @@
 """Differentiable ops: each keeps its forward, its backward and its derivation together."""
 
+from .alibi import alibi_bias, alibi_slopes
 from .block_sparse import block_sparse_attention, block_sparse_mask
 from .entmax import entmax, sparsemax
 from .linear_attention import linear_attention
@@ -20,6 +21,8 @@ from .window import sliding_window_attention
 from .xca import cross_covariance_attention
 
 __all__ = [
+    "alibi_bias",
+    "alibi_slopes",
     "bigbird_pattern",
     "block_sparse_attention",
     "block_sparse_mask",

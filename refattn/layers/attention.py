@@ -35,7 +35,7 @@ from typing import Any
 from .._backend import default_namespace, namespace
 from .._op import Op
 from ..ops.sdpa import scaled_dot_product_attention as _sdpa
-from ..ops.sdpa.problem import check_score_options
+from ..ops.sdpa.problem import check_lengths, check_score_options
 from .basic import (
     affine_backward,
     affine_forward,
@@ -293,6 +293,8 @@ def _mha_fwd(
     is_causal: bool = False,
     causal_alignment: str = "upper_left",
     window: int | tuple[int | None, int | None] | None = None,
+    query_lengths: Any = None,
+    key_lengths: Any = None,
     softcap: float | None = None,
     dropout_mask: Array | None = None,
     dropout_p: float = 0.0,
@@ -333,6 +335,10 @@ def _mha_fwd(
         :func:`refattn.scaled_dot_product_attention`, default "upper_left" like torch).
     window : int or (left, right), optional
         Local attention window, as in :func:`refattn.scaled_dot_product_attention`.
+    query_lengths, key_lengths : ints, one per batch element, optional
+        A padded batch, as in :func:`refattn.scaled_dot_product_attention` (each sequence on
+        its own causal diagonal under "lower_right"). Padded query rows attend nothing, so
+        their output is the output projection's bias.
     softcap : float > 0, optional
         ``c tanh(s / c)`` on the scaled scores, as in :func:`refattn.scaled_dot_product_attention`.
     dropout_mask : bool or float, broadcastable to (..., n_heads, n_q, n_k), optional
@@ -373,6 +379,10 @@ def _mha_fwd(
         "dropout_p": dropout_p,
     }
     check_score_options(_OP, xp, scores_shape, query.dtype, **score_options)
+    if query_lengths is not None or key_lengths is not None:
+        # checked here, before any projection; SDPA's prepare builds the rule itself
+        check_lengths(_OP, scores_shape, query_lengths, key_lengths, is_causal, "upper_left", None)
+        score_options.update(query_lengths=query_lengths, key_lengths=key_lengths)
     y, weights, saved = mha_forward(
         xp,
         params,

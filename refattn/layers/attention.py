@@ -378,11 +378,11 @@ def _mha_fwd(
         "dropout_mask": dropout_mask,
         "dropout_p": dropout_p,
     }
-    check_score_options(_OP, xp, scores_shape, query.dtype, **score_options)
-    if query_lengths is not None or key_lengths is not None:
-        # checked here, before any projection; SDPA's prepare builds the rule itself
-        check_lengths(_OP, scores_shape, query_lengths, key_lengths, is_causal, "upper_left", None)
-        score_options.update(query_lengths=query_lengths, key_lengths=key_lengths)
+    _, window_pair = check_score_options(_OP, xp, scores_shape, query.dtype, **score_options)
+    check_lengths(
+        _OP, scores_shape, query_lengths, key_lengths, is_causal, causal_alignment, window_pair
+    )  # before any projection, like the score options
+    score_options.update(query_lengths=query_lengths, key_lengths=key_lengths)
     y, weights, saved = mha_forward(
         xp,
         params,

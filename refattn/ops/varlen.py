@@ -40,7 +40,7 @@ def _boundaries(name: str, value: Any, total: int) -> list[int]:
     """``cu_seqlens`` as host ints: 1-D, integer, from 0, non-decreasing, ending at ``total``."""
     import numpy as np  # host-side index data only, like the block-sparse layout
 
-    host = np.asarray(value) if isinstance(value, (list, tuple)) else to_host(value)
+    host = to_host(value)  # sequences too
     if host.ndim != 1 or host.size < 1:
         raise ValueError(
             f"refattn.{_OP}: {name} must be 1-D with one entry more than the number of "

@@ -51,7 +51,7 @@ class Pattern:
         \qquad \mathrm{band}(i, j) = (i - j \le \mathrm{left}) \wedge (j - i \le \mathrm{right}),
 
     where a ``None`` bound is absent and ``G = n_global``; besides, no query ``i >= rows`` and no
-    key ``j >= keys`` is visible (one sequence of a padded batch, :meth:`Lengths.pattern`;
+    key ``j >= keys`` is visible (one sequence of a padded batch, :attr:`Lengths.patterns`;
     ``None``: no bound).
 
     * causal SDPA: ``Pattern(causal=0)`` (upper-left) or ``causal=n_k - n_q`` (lower-right),
@@ -124,7 +124,7 @@ class Plan:
     visible : per query block, its non-empty key tiles ``(c0, c1, full)``
     score_bytes : scores computed by one pass over all tiles, in bytes
     by_chunk : None, or per head chunk its own ``visible`` (a padded batch with lengths: each
-        chunk holds sequences of one rule, :meth:`Lengths.pattern`); see :meth:`tiles`
+        chunk holds sequences of one rule, :attr:`Lengths.patterns`); see :meth:`tiles`
     """
 
     heads: tuple[Heads, ...]
@@ -211,7 +211,7 @@ def plan_tiles(
     tile stays under ``tile_bytes`` (:data:`TILE_BYTES` by default, see
     :func:`~refattn.ops.sdpa.tiled.make_plan`). Planning a causal call costs as much as a small
     forward, hence the cache. With ``per_batch`` (one exact :class:`Pattern` per batch element,
-    a padded batch's :meth:`Lengths.pattern`) the chunks never mix rules and each lists its
+    a padded batch's :attr:`Lengths.patterns`) the chunks never mix rules and each lists its
     own tiles (:attr:`Plan.by_chunk`).
     """
     block_q, block_k = blocks
@@ -343,7 +343,7 @@ class Lengths:
     with ``o_b = k[b] - q[b]`` ("lower_right": each sequence aligned on its own lengths, as
     FlashAttention's varlen kernels and ``attention_ref`` with padding masks) or ``o_b = 0``
     ("upper_left", where lengths change nothing but the padding).
-    :func:`~refattn.ops.sdpa.scores.lengths_keep` evaluates it on a tile.
+    :attr:`patterns` holds it per sequence.
     """
 
     q: tuple[int, ...]
@@ -353,16 +353,19 @@ class Lengths:
     left: int | None
     right: int | None
 
-    def pattern(self, b: int) -> Pattern:
-        """Sequence ``b``'s rule as a :class:`Pattern` (exact: the tiled kernels plan and mask
-        each sequence's tiles with it)."""
-        o = self.offsets[b]
-        return Pattern(
-            causal=o if self.causal else None,
-            left=None if self.left is None else self.left - o,
-            right=None if self.right is None else self.right + o,
-            rows=self.q[b],
-            keys=self.k[b],
+    @functools.cached_property
+    def patterns(self) -> tuple[Pattern, ...]:
+        """Each sequence's rule as a :class:`Pattern` (exact: the kernels plan and mask each
+        sequence's tiles with it). Built once: the tiled kernels read it for every tile."""
+        return tuple(
+            Pattern(
+                causal=o if self.causal else None,
+                left=None if self.left is None else self.left - o,
+                right=None if self.right is None else self.right + o,
+                rows=q,
+                keys=k,
+            )
+            for q, k, o in zip(self.q, self.k, self.offsets, strict=True)
         )
 
 
@@ -383,7 +386,7 @@ def causal_pattern(
 
     With per-sequence ``lengths`` the offsets ``o_b`` differ between batch elements; the
     pattern is then their union (the loosest bound of every side, and the longest lengths),
-    and each sequence's exact rule is :meth:`Lengths.pattern`.
+    and each sequence's exact rule is in :attr:`Lengths.patterns`.
     """
     left, right = window if window is not None else (None, None)
     if lengths is not None:

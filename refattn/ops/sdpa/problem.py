@@ -359,7 +359,7 @@ def _lengths(op: str, name: str, value: Any, batch: tuple[int, ...], n: int) -> 
         return (n,) * count
     import numpy as np
 
-    host = np.asarray(value) if isinstance(value, (list, tuple, int)) else to_host(value)
+    host = to_host(value)  # sequences and ints too
     shape = tuple(host.shape)
     if host.dtype == np.bool_ or not np.issubdtype(host.dtype, np.integer):
         raise TypeError(

@@ -142,11 +142,11 @@ def _pipeline(
     keep = tile(pb.keep, hc, r0, r1, c0, c1)
     pattern = pb.pattern
     if pb.lengths is not None and hc is None:  # all sequences at once (materialized)
-        per_seq = lengths_keep(pb.lengths, xp, None, r0, r1, c0, c1, device_of(s))
+        per_seq = lengths_keep(pb.lengths, xp, r0, r1, c0, c1, device_of(s))
         keep = per_seq if keep is None else xp.logical_and(keep, per_seq)
         pattern = None
     elif pb.lengths is not None:  # a tiled chunk: its sequences share one rule (the plan's)
-        pattern = pb.lengths.pattern(hc.b0)
+        pattern = pb.lengths.patterns[hc.b0]
     if not full and pattern is not None:
         structured = pattern_keep(pattern, xp, r0, r1, c0, c1, device_of(s))
         keep = structured if keep is None else xp.logical_and(keep, structured)
@@ -197,28 +197,16 @@ def _keep(pattern: Pattern, xp: Any, r0: int, r1: int, c0: int, c1: int, device:
 
 
 def lengths_keep(
-    lengths: Lengths, xp: Any, hc: Heads | None, r0: int, r1: int, c0: int, c1: int, device: Any
+    lengths: Lengths, xp: Any, r0: int, r1: int, c0: int, c1: int, device: Any
 ) -> Array:
-    """The ``(b, 1, 1, r1 - r0, c1 - c0)`` keep-mask of one tile under a padded batch's
-    per-sequence rule (:class:`~refattn.ops.sdpa.plan.Lengths`), for the batch elements of
-    ``hc`` (all when None)."""
-    b = slice(None) if hc is None else slice(hc.b0, hc.b1)
-
-    def column(values: tuple[int, ...]) -> Array:
-        return xp.reshape(xp.asarray(values[b], device=device), (-1, 1, 1, 1, 1))
-
-    i = xp.reshape(xp.arange(r0, r1, device=device), (1, 1, 1, -1, 1))
-    j = xp.reshape(xp.arange(c0, c1, device=device), (1, 1, 1, 1, -1))
-    keep = xp.logical_and(i < column(lengths.q), j < column(lengths.k))
-    if lengths.causal or lengths.left is not None or lengths.right is not None:
-        diagonal = (j - i) - column(lengths.offsets)  # j - (i + o_b)
-        if lengths.causal:
-            keep = xp.logical_and(keep, diagonal <= 0)
-        if lengths.left is not None:
-            keep = xp.logical_and(keep, diagonal >= -lengths.left)
-        if lengths.right is not None:
-            keep = xp.logical_and(keep, diagonal <= lengths.right)
-    return keep
+    """The ``(B, 1, 1, r1 - r0, c1 - c0)`` keep-mask of one tile for every sequence of a
+    padded batch: each sequence's own :class:`~refattn.ops.sdpa.plan.Pattern`
+    (:attr:`~refattn.ops.sdpa.plan.Lengths.patterns`), stacked."""
+    shape = (len(lengths.q), 1, 1, r1 - r0, c1 - c0)
+    if not lengths.q:  # an empty batch
+        return xp.zeros(shape, dtype=xp.bool, device=device)
+    masks = [_keep(p, xp, r0, r1, c0, c1, device) for p in lengths.patterns]
+    return xp.reshape(xp.stack(masks), shape)
 
 
 def full_keep(pb: Problem) -> Array | None:
@@ -228,7 +216,7 @@ def full_keep(pb: Problem) -> Array | None:
     """
     xp = pb.xp
     if pb.lengths is not None:
-        per_seq = lengths_keep(pb.lengths, xp, None, 0, pb.n_q, 0, pb.n_k, device_of(pb.q))
+        per_seq = lengths_keep(pb.lengths, xp, 0, pb.n_q, 0, pb.n_k, device_of(pb.q))
         return per_seq if pb.keep is None else xp.logical_and(pb.keep, per_seq)
     if pb.pattern is None:
         return pb.keep

@@ -102,9 +102,8 @@ def make_plan(pb: Problem, block_size: tuple[int, int] | None = None) -> Plan:
     blocks = block_size or pb.block_size or (block, block)
     elem_bytes = itemsize(pb.xp, pb.q.dtype)
     tile_bytes = tile_plans.TILE_BYTES
-    per_batch = None
-    if pb.lengths is not None:  # a padded batch: every sequence planned on its own rule
-        per_batch = tuple(pb.lengths.pattern(i) for i in range(b))
+    # a padded batch: every sequence planned on its own rule
+    per_batch = None if pb.lengths is None else pb.lengths.patterns
     return plan_tiles(
         b, h_kv, g, pb.n_q, pb.n_k, elem_bytes, pb.pattern, blocks, tile_bytes, per_batch
     )

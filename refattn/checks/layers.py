@@ -189,6 +189,42 @@ def _t_mha(
     return (y, w) if need_weights else y
 
 
+def _t_residuals(torch, p, x, branches, layer_norm_eps, norm_first):
+    """torch's residual blocks: ``x + f(LN x)`` (``norm_first``) or ``LN(x + f(x))``, in order;
+    ``branches`` are ``(norm name, f)`` pairs, each ``f`` with its output dropout applied."""
+    for name, f in branches:
+        if norm_first:
+            x = x + f(_t_layer_norm(torch, p[name], x, layer_norm_eps))
+        else:
+            x = _t_layer_norm(torch, p[name], x + f(x), layer_norm_eps)
+    return x
+
+
+def _t_blocks(torch, p, d, n_heads, activation, self_mask, is_causal, ff_drop):
+    """The self-attention (``_sa_block``) and feed-forward (``_ff_block``) branches, with the
+    dropout masks ``d`` (the feed-forward's output dropout is ``d[ff_drop]``)."""
+
+    def sa(h):
+        y = _t_mha(
+            torch,
+            p["self_attn"],
+            h,
+            h,
+            h,
+            n_heads,
+            mask=self_mask,
+            is_causal=is_causal,
+            drop=d.get("self_attn"),
+        )
+        return y * d["dropout1"] if "dropout1" in d else y
+
+    def ff(h):
+        y = _t_feed_forward(torch, p, h, activation, d.get("dropout"))
+        return y * d[ff_drop] if ff_drop in d else y
+
+    return sa, ff
+
+
 def _t_encoder(
     torch,
     p,
@@ -204,33 +240,8 @@ def _t_encoder(
 ):
     """``nn.TransformerEncoderLayer._sa_block``/``_ff_block`` with explicit dropout masks."""
     d = dropout_masks or {}
-
-    def sa(h):
-        y = _t_mha(
-            torch,
-            p["self_attn"],
-            h,
-            h,
-            h,
-            n_heads,
-            mask=mask,
-            is_causal=is_causal,
-            drop=d.get("self_attn"),
-        )
-        return y * d["dropout1"] if "dropout1" in d else y
-
-    def ff(h):
-        y = _t_feed_forward(torch, p, h, activation, d.get("dropout"))
-        return y * d["dropout2"] if "dropout2" in d else y
-
-    def ln(name, h):
-        return _t_layer_norm(torch, p[name], h, layer_norm_eps)
-
-    if norm_first:
-        x = x + sa(ln("norm1", x))
-        return x + ff(ln("norm2", x))
-    x = ln("norm1", x + sa(x))
-    return ln("norm2", x + ff(x))
+    sa, ff = _t_blocks(torch, p, d, n_heads, activation, mask, is_causal, "dropout2")
+    return _t_residuals(torch, p, x, (("norm1", sa), ("norm2", ff)), layer_norm_eps, norm_first)
 
 
 def _t_decoder(
@@ -250,20 +261,7 @@ def _t_decoder(
 ):
     """``nn.TransformerDecoderLayer``'s three blocks with explicit dropout masks."""
     d = dropout_masks or {}
-
-    def sa(h):
-        y = _t_mha(
-            torch,
-            p["self_attn"],
-            h,
-            h,
-            h,
-            n_heads,
-            mask=self_mask,
-            is_causal=is_causal,
-            drop=d.get("self_attn"),
-        )
-        return y * d["dropout1"] if "dropout1" in d else y
+    sa, ff = _t_blocks(torch, p, d, n_heads, activation, self_mask, is_causal, "dropout3")
 
     def ca(h):
         y = _t_mha(
@@ -271,20 +269,8 @@ def _t_decoder(
         )
         return y * d["dropout2"] if "dropout2" in d else y
 
-    def ff(h):
-        y = _t_feed_forward(torch, p, h, activation, d.get("dropout"))
-        return y * d["dropout3"] if "dropout3" in d else y
-
-    def ln(name, h):
-        return _t_layer_norm(torch, p[name], h, layer_norm_eps)
-
-    if norm_first:
-        x = x + sa(ln("norm1", x))
-        x = x + ca(ln("norm2", x))
-        return x + ff(ln("norm3", x))
-    x = ln("norm1", x + sa(x))
-    x = ln("norm2", x + ca(x))
-    return ln("norm3", x + ff(x))
+    branches = (("norm1", sa), ("norm2", ca), ("norm3", ff))
+    return _t_residuals(torch, p, x, branches, layer_norm_eps, norm_first)
 
 
 # ----------------------------------------------------------------------------- basic ops

@@ -156,9 +156,7 @@ def encoder_attention_gradients(
         taps: list[Array] = []
         g, d = encoder_backward(s, d, head_cotangents=taps)
         (d_o,) = taps
-        sa = s[
-            5
-        ]  # encoder_forward's saved tuple: (xp, params, norm_first, activation, drops, sa, ...)
+        sa = s.self_attention
         _, _, v, o, a = _heads(xp, sa)
         group = a.shape[-3] // v.shape[-3]
         v_q = xp.repeat(v, group, axis=-3) if group > 1 else v  # query head h reads kv head h // g

@@ -438,23 +438,8 @@ def normal_cdf(xp: ModuleType, x: Array) -> Array:
 # ----------------------------------------------------------------------------- activations
 
 
-def _relu_fwd(x: Array, /) -> tuple[Array, Any]:
-    r"""``max(x, 0)`` elementwise.
-
-    Parameters
-    ----------
-    x : (...) real floating
-
-    Returns
-    -------
-    y : (...), same dtype.
-    """
-    xp = namespace(x)
-    check_input("relu", xp, "x", x, min_ndim=0)
-    return relu_forward(xp, x)
-
-
 def relu_forward(xp: ModuleType, x: Array) -> tuple[Array, Any]:
+    r"""``max(x, 0)`` elementwise."""
     keep = x > 0
     return xp.where(keep, x, 0.0), (xp, keep)
 
@@ -465,29 +450,12 @@ def _relu_bwd(residuals: Any, dy: Array, /) -> tuple[Array]:
     return (xp.where(keep, dy, 0.0),)
 
 
-relu = Op(_relu_fwd, _relu_bwd, name="relu", register=True)
-
-
-def _gelu_fwd(x: Array, /) -> tuple[Array, Any]:
+def gelu_forward(xp: ModuleType, x: Array) -> tuple[Array, Any]:
     r"""GELU, the exact form: :math:`x\,\Phi(x) = \tfrac{x}{2}\,(1 + \operatorname{erf}(x/\sqrt2))`.
 
     torch's ``nn.GELU()`` / ``F.gelu(x)`` (``approximate="none"``). :math:`\Phi` is computed as
     ``erfc(-x/sqrt(2))/2`` (see :func:`erfc`), exact to float64 rounding on every backend.
-
-    Parameters
-    ----------
-    x : (...) real floating
-
-    Returns
-    -------
-    y : (...), same dtype.
     """
-    xp = namespace(x)
-    check_input("gelu", xp, "x", x, min_ndim=0)
-    return gelu_forward(xp, x)
-
-
-def gelu_forward(xp: ModuleType, x: Array) -> tuple[Array, Any]:
     cdf = normal_cdf(xp, x)
     return x * cdf, (xp, x, cdf)
 
@@ -505,30 +473,13 @@ def _gelu_bwd(residuals: Any, dy: Array, /) -> tuple[Array]:
     return (dy * (cdf + x * pdf),)
 
 
-gelu = Op(_gelu_fwd, _gelu_bwd, name="gelu", register=True)
-
-
-def _gelu_tanh_fwd(x: Array, /) -> tuple[Array, Any]:
+def gelu_tanh_forward(xp: ModuleType, x: Array) -> tuple[Array, Any]:
     r"""GELU, tanh approximation (torch's ``approximate="tanh"``).
 
     .. math::
 
         y = \tfrac{x}{2}\,(1 + \tanh u),\qquad u = \sqrt{2/\pi}\,(x + 0.044715\,x^3).
-
-    Parameters
-    ----------
-    x : (...) real floating
-
-    Returns
-    -------
-    y : (...), same dtype.
     """
-    xp = namespace(x)
-    check_input("gelu_tanh", xp, "x", x, min_ndim=0)
-    return gelu_tanh_forward(xp, x)
-
-
-def gelu_tanh_forward(xp: ModuleType, x: Array) -> tuple[Array, Any]:
     t = xp.tanh(_TANH_C * (x + _TANH_A * (x * x * x)))
     return 0.5 * x * (1.0 + t), (xp, x, t)
 
@@ -546,7 +497,35 @@ def _gelu_tanh_bwd(residuals: Any, dy: Array, /) -> tuple[Array]:
     return (dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du),)
 
 
-gelu_tanh = Op(_gelu_tanh_fwd, _gelu_tanh_bwd, name="gelu_tanh", register=True)
+_ELEMENTWISE_DOC = """
+
+    Parameters
+    ----------
+    x : (...) real floating
+
+    Returns
+    -------
+    y : (...), same dtype.
+    """
+
+
+def _activation_op(name: str, forward: Any, backward: Any) -> Op:
+    """The public op of an elementwise activation: ``x`` is checked, then ``forward(xp, x)``
+    (whose docstring, with the shapes added, is the op's); the layers call ``forward`` itself."""
+
+    def fwd(x: Array, /) -> tuple[Array, Any]:
+        xp = namespace(x)
+        check_input(name, xp, "x", x, min_ndim=0)
+        return forward(xp, x)
+
+    fwd.__doc__ = forward.__doc__.rstrip() + _ELEMENTWISE_DOC
+    fwd.__name__ = fwd.__qualname__ = f"_{name}_fwd"
+    return Op(fwd, backward, name=name, register=True)
+
+
+relu = _activation_op("relu", relu_forward, _relu_bwd)
+gelu = _activation_op("gelu", gelu_forward, _gelu_bwd)
+gelu_tanh = _activation_op("gelu_tanh", gelu_tanh_forward, _gelu_tanh_bwd)
 
 #: activation name -> (forward(xp, x) -> (y, residuals), backward(residuals, dy) -> (dx,))
 ACTIVATIONS = {

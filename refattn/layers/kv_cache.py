@@ -24,17 +24,19 @@ from .._backend import default_namespace, describe, namespace
 from .attention import check_mha_params, mha_forward, project_kv
 from .basic import (
     array_leaves,
-    check_activation,
-    check_eps,
-    check_feed_forward,
     check_input,
-    check_norm,
     check_size,
     feed_forward_forward,
     layer_norm_forward,
     resolve_dtype,
 )
-from .transformer import check_param_keys, check_self_attn_params
+from .transformer import (
+    DECODER_SUBLAYERS,
+    ENCODER_SUBLAYERS,
+    check_layer_options,
+    check_param_keys,
+    check_sublayers,
+)
 
 __all__ = [
     "KVCache",
@@ -339,12 +341,10 @@ def transformer_encoder_layer_cached(
     check_input(op, xp, "x", x, min_ndim=2)
     check_param_keys(op, params, ("self_attn", "norm1", "norm2", "linear1", "linear2"))
     d_model, t = int(x.shape[-1]), int(x.shape[-2])
-    heads = check_self_attn_params(op, xp, params, d_model, n_heads, n_kv_heads, x.dtype)
-    for key in ("norm1", "norm2"):
-        check_norm(op, xp, params[key], key, d=d_model, dtype=x.dtype)
-    check_feed_forward(op, xp, params, "", d_model=d_model, dtype=x.dtype)
-    check_activation(op, activation)
-    eps = check_eps(op, layer_norm_eps)
+    heads, _ = check_sublayers(
+        op, xp, params, ENCODER_SUBLAYERS, d_model, n_heads, n_kv_heads, x.dtype
+    )
+    eps = check_layer_options(op, activation, layer_norm_eps, norm_first)
     _check_cache(
         op,
         xp,
@@ -418,7 +418,10 @@ def transformer_decoder_layer_cached(
     d_model, t = int(x.shape[-1]), int(x.shape[-2])
     lead = tuple(x.shape[:-2])
     dtype = x.dtype
-    heads = check_self_attn_params(op, xp, params, d_model, n_heads, n_kv_heads, dtype)
+    heads, _ = check_sublayers(
+        op, xp, params, DECODER_SUBLAYERS, d_model, n_heads, n_kv_heads, dtype
+    )
+    eps = check_layer_options(op, activation, layer_norm_eps, norm_first)
     filled = memory_cache is not None and memory_cache.length > 0
     if memory is None and not filled:
         raise ValueError(f"refattn.{op}: memory is required unless memory_cache is filled")
@@ -446,11 +449,6 @@ def transformer_decoder_layer_cached(
         n_kv_heads=n_kv_heads,
         dtype=dtype,
     )
-    for key in ("norm1", "norm2", "norm3"):
-        check_norm(op, xp, params[key], key, d=d_model, dtype=dtype)
-    check_feed_forward(op, xp, params, "", d_model=d_model, dtype=dtype)
-    check_activation(op, activation)
-    eps = check_eps(op, layer_norm_eps)
     _check_cache(
         op,
         xp,

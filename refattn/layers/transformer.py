@@ -22,6 +22,8 @@ input gradient is the sum of its query, key and value gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -122,6 +124,94 @@ def _times(x: Array, m: Array | None) -> Array:
     return x if m is None else x * m
 
 
+# ----------------------------------------------------------------------------- residual stack
+
+#: (norm, dropout) keys of each residual sublayer, in order: SA, FF
+ENCODER_SUBLAYERS = (("norm1", "dropout1"), ("norm2", "dropout2"))
+#: the decoder's: SA, CA, FF
+DECODER_SUBLAYERS = (("norm1", "dropout1"), ("norm2", "dropout2"), ("norm3", "dropout3"))
+
+
+@dataclass
+class LayerSaved:
+    """What a layer's forward keeps: its inputs' context and, per sublayer, ``(LN, f)``'s saves."""
+
+    xp: ModuleType
+    params: Params
+    norm_first: bool
+    activation: str
+    drops: dict[str, Array | None]
+    sublayers: tuple[tuple[str, str], ...]
+    saved: list[tuple[Any, Any]]
+
+    @property
+    def self_attention(self) -> Any:
+        """The self-attention's saved state (an :func:`~refattn.layers.attention.mha_forward`
+        record), the first sublayer's."""
+        return self.saved[0][1]
+
+
+def residual_forward(
+    xp: ModuleType,
+    params: Params,
+    x: Array,
+    sublayers: tuple[tuple[str, str], ...],
+    branches: tuple[Callable[[Array], tuple[Array, Any]], ...],
+    *,
+    norm_first: bool,
+    eps: float,
+    drops: dict[str, Array | None],
+    activation: str,
+) -> tuple[Array, LayerSaved]:
+    """Run each branch ``f`` as a residual sublayer with its norm ``LN`` and dropout ``D``:
+    ``h <- LN(h + D f(h))`` (post-LN) or ``h <- h + D f(LN(h))`` (pre-LN). ``activation`` is
+    kept for the feed-forward's backward."""
+    saved = []
+    h = x
+    for (norm, drop), f in zip(sublayers, branches, strict=True):
+        if norm_first:
+            n, ln = layer_norm_forward(xp, params[norm], h, eps)
+            out, s = f(n)
+            h = h + _times(out, drops[drop])
+        else:
+            out, s = f(h)
+            h, ln = layer_norm_forward(xp, params[norm], h + _times(out, drops[drop]), eps)
+        saved.append((ln, s))
+    return h, LayerSaved(xp, params, norm_first, activation, drops, sublayers, saved)
+
+
+def residual_backward(
+    saved: LayerSaved,
+    dy: Array,
+    backwards: tuple[Callable[[Any, Array], tuple[Params, Array]], ...],
+) -> tuple[list[Params], Params, Array]:
+    """VJP of :func:`residual_forward`, sublayers last to first: ``(each f's parameter
+    gradients, the norms' gradients by key, dx)``. ``backwards[i](s, d)`` is branch ``i``'s VJP,
+    ``(dparams, dinput)``.
+
+    Pre-LN, ``h' = h + D f(LN h)``: ``dh = dh' + LN^*(f^*(D dh'))``. Post-LN,
+    ``h' = LN(h + D f(h))``: with ``dz = LN^*(dh')``, ``dh = dz + f^*(D dz)``.
+    """
+    xp, params, drops = saved.xp, saved.params, saved.drops
+    branch_grads: list[Params] = []
+    norm_grads: Params = {}
+    dh = dy
+    for (norm, drop), (ln, s), bwd in reversed(
+        list(zip(saved.sublayers, saved.saved, backwards, strict=True))
+    ):
+        if saved.norm_first:
+            g, dn = bwd(s, _times(dh, drops[drop]))
+            norm_grads[norm], dh_ln = layer_norm_backward(xp, params[norm], ln, dn)
+            dh = dh + dh_ln
+        else:
+            norm_grads[norm], dz = layer_norm_backward(xp, params[norm], ln, dh)
+            g, d_in = bwd(s, _times(dz, drops[drop]))
+            dh = dz + d_in
+        branch_grads.append(g)
+    branch_grads.reverse()
+    return branch_grads, norm_grads, dh
+
+
 # ----------------------------------------------------------------------------- sublayers
 
 
@@ -167,6 +257,33 @@ def check_self_attn_params(
         n_kv_heads=n_kv_heads,
         dtype=dtype,
     )
+
+
+def check_sublayers(
+    op: str,
+    xp: ModuleType,
+    params: Params,
+    sublayers: tuple[tuple[str, str], ...],
+    d_model: int,
+    n_heads: int,
+    n_kv_heads: int | None,
+    dtype: Any,
+) -> tuple[tuple[int, int, int], int]:
+    """The self-attention, the norms of ``sublayers`` and the feed-forward of a layer's
+    ``params``: ``(heads, d_ff)``."""
+    heads = check_self_attn_params(op, xp, params, d_model, n_heads, n_kv_heads, dtype)
+    for key, _ in sublayers:
+        check_norm(op, xp, params[key], key, d=d_model, dtype=dtype)
+    return heads, check_feed_forward(op, xp, params, "", d_model=d_model, dtype=dtype)
+
+
+def check_layer_options(op: str, activation: Any, layer_norm_eps: Any, norm_first: Any) -> float:
+    """``activation``, ``layer_norm_eps`` (returned as a float) and ``norm_first``."""
+    check_activation(op, activation)
+    eps = check_eps(op, layer_norm_eps)
+    if not isinstance(norm_first, bool):
+        raise TypeError(f"refattn.{op}: norm_first must be a bool, got {norm_first!r}")
+    return eps
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -233,14 +350,10 @@ def _encoder_fwd(
     check_param_keys(op, params, ("self_attn", "norm1", "norm2", "linear1", "linear2"))
     d_model, n = int(x.shape[-1]), int(x.shape[-2])
     dtype = x.dtype
-    heads = check_self_attn_params(op, xp, params, d_model, n_heads, n_kv_heads, dtype)
-    for key in ("norm1", "norm2"):
-        check_norm(op, xp, params[key], key, d=d_model, dtype=dtype)
-    d_ff = check_feed_forward(op, xp, params, "", d_model=d_model, dtype=dtype)
-    check_activation(op, activation)
-    eps = check_eps(op, layer_norm_eps)
-    if not isinstance(norm_first, bool):
-        raise TypeError(f"refattn.{op}: norm_first must be a bool, got {norm_first!r}")
+    heads, d_ff = check_sublayers(
+        op, xp, params, ENCODER_SUBLAYERS, d_model, n_heads, n_kv_heads, dtype
+    )
+    eps = check_layer_options(op, activation, layer_norm_eps, norm_first)
     lead = tuple(x.shape[:-2])
     scores = (*lead, heads[0], n, n)
     check_score_options(
@@ -297,62 +410,41 @@ def encoder_forward(
     activation: str,
     eps: float,
     drops: dict[str, Array | None],
-) -> tuple[Array, Any]:
+) -> tuple[Array, LayerSaved]:
     """``(y, saved)`` of one encoder layer, no validation (``drops`` maps every dropout key)."""
-    attn = {
-        "mask": mask,
-        "bias": bias,
-        "is_causal": is_causal,
-        "dropout_mask": drops["self_attn"],
-    }
-    if norm_first:
-        n1, ln1 = layer_norm_forward(xp, params["norm1"], x, eps)
-        a, sa = _self_attention_fwd(xp, params["self_attn"], n1, heads, **attn)
-        h1 = x + _times(a, drops["dropout1"])
-        n2, ln2 = layer_norm_forward(xp, params["norm2"], h1, eps)
-        f, ff = feed_forward_forward(xp, params, n2, activation, drops["dropout"])
-        y = h1 + _times(f, drops["dropout2"])
-    else:
-        a, sa = _self_attention_fwd(xp, params["self_attn"], x, heads, **attn)
-        y1, ln1 = layer_norm_forward(xp, params["norm1"], x + _times(a, drops["dropout1"]), eps)
-        f, ff = feed_forward_forward(xp, params, y1, activation, drops["dropout"])
-        y, ln2 = layer_norm_forward(xp, params["norm2"], y1 + _times(f, drops["dropout2"]), eps)
-    return y, (xp, params, norm_first, activation, drops, sa, ln1, ff, ln2)
+    attn = {"mask": mask, "bias": bias, "is_causal": is_causal, "dropout_mask": drops["self_attn"]}
+    branches = (
+        lambda h: _self_attention_fwd(xp, params["self_attn"], h, heads, **attn),
+        lambda h: feed_forward_forward(xp, params, h, activation, drops["dropout"]),
+    )
+    return residual_forward(
+        xp,
+        params,
+        x,
+        ENCODER_SUBLAYERS,
+        branches,
+        norm_first=norm_first,
+        eps=eps,
+        drops=drops,
+        activation=activation,
+    )
 
 
 def encoder_backward(
-    saved: Any, dy: Array, *, head_cotangents: list[Array] | None = None
+    saved: LayerSaved, dy: Array, *, head_cotangents: list[Array] | None = None
 ) -> tuple[Params, Array]:
     """``(dparams, dx)`` of :func:`encoder_forward` (see :func:`_encoder_bwd`);
     ``head_cotangents`` as in :func:`~refattn.layers.attention.mha_backward`."""
-    xp, params, norm_first, activation, drops, sa, ln1, ff, ln2 = saved
-    if norm_first:
-        # y = h1 + D2 FF(n2), n2 = LN2(h1)
-        g_ff, dn2 = feed_forward_backward(xp, params, ff, _times(dy, drops["dropout2"]), activation)
-        g_n2, dh1_ln = layer_norm_backward(xp, params["norm2"], ln2, dn2)
-        dh1 = dy + dh1_ln
-        # h1 = x + D1 SA(n1), n1 = LN1(x)
-        g_sa, dn1 = _self_attention_bwd(sa, _times(dh1, drops["dropout1"]), head_cotangents)
-        g_n1, dx_ln = layer_norm_backward(xp, params["norm1"], ln1, dn1)
-        dx = dh1 + dx_ln
-    else:
-        # y = LN2(h2), h2 = y1 + D2 FF(y1)
-        g_n2, dh2 = layer_norm_backward(xp, params["norm2"], ln2, dy)
-        g_ff, dy1_ff = feed_forward_backward(
-            xp, params, ff, _times(dh2, drops["dropout2"]), activation
-        )
-        dy1 = dh2 + dy1_ff
-        # y1 = LN1(h1), h1 = x + D1 SA(x)
-        g_n1, dh1 = layer_norm_backward(xp, params["norm1"], ln1, dy1)
-        g_sa, dx_sa = _self_attention_bwd(sa, _times(dh1, drops["dropout1"]), head_cotangents)
-        dx = dh1 + dx_sa
-    grads = {
-        "self_attn": g_sa,
-        "norm1": g_n1,
-        "norm2": g_n2,
-        "linear1": g_ff["linear1"],
-        "linear2": g_ff["linear2"],
-    }
+    xp, params = saved.xp, saved.params
+
+    def self_attention(s: Any, d: Array) -> tuple[Params, Array]:
+        return _self_attention_bwd(s, d, head_cotangents)
+
+    def feed_forward(s: Any, d: Array) -> tuple[Params, Array]:
+        return feed_forward_backward(xp, params, s, d, saved.activation)
+
+    (g_sa, g_ff), g_norms, dx = residual_backward(saved, dy, (self_attention, feed_forward))
+    grads = {"self_attn": g_sa, **g_norms, **g_ff}
     return {k: grads[k] for k in params}, dx
 
 
@@ -465,7 +557,9 @@ def _decoder_fwd(
     )
     d_model, n_t, n_m = int(x.shape[-1]), int(x.shape[-2]), int(memory.shape[-2])
     dtype = x.dtype
-    heads = check_self_attn_params(op, xp, params, d_model, n_heads, n_kv_heads, dtype)
+    heads, d_ff = check_sublayers(
+        op, xp, params, DECODER_SUBLAYERS, d_model, n_heads, n_kv_heads, dtype
+    )
     cross_heads = check_mha_params(
         op,
         xp,
@@ -478,13 +572,7 @@ def _decoder_fwd(
         n_kv_heads=n_kv_heads,
         dtype=dtype,
     )
-    for key in ("norm1", "norm2", "norm3"):
-        check_norm(op, xp, params[key], key, d=d_model, dtype=dtype)
-    d_ff = check_feed_forward(op, xp, params, "", d_model=d_model, dtype=dtype)
-    check_activation(op, activation)
-    eps = check_eps(op, layer_norm_eps)
-    if not isinstance(norm_first, bool):
-        raise TypeError(f"refattn.{op}: norm_first must be a bool, got {norm_first!r}")
+    eps = check_layer_options(op, activation, layer_norm_eps, norm_first)
     lead = tuple(x.shape[:-2])
     self_scores = (*lead, n_heads, n_t, n_t)
     cross_scores = (*lead, n_heads, n_t, n_m)
@@ -581,7 +669,7 @@ def decoder_forward(
     activation: str,
     eps: float,
     drops: dict[str, Array | None],
-) -> tuple[Array, Any]:
+) -> tuple[Array, LayerSaved]:
     """``(y, saved)`` of one decoder layer, no validation."""
     sa_opts = {
         "mask": self_mask,
@@ -590,67 +678,42 @@ def decoder_forward(
         "dropout_mask": drops["self_attn"],
     }
     ca_opts = {"mask": memory_mask, "bias": memory_bias, "dropout_mask": drops["cross_attn"]}
-    if norm_first:
-        n1, ln1 = layer_norm_forward(xp, params["norm1"], x, eps)
-        a, sa = _self_attention_fwd(xp, params["self_attn"], n1, heads, **sa_opts)
-        h1 = x + _times(a, drops["dropout1"])
-        n2, ln2 = layer_norm_forward(xp, params["norm2"], h1, eps)
-        c, ca = _cross_attention_fwd(xp, params["cross_attn"], n2, memory, cross_heads, **ca_opts)
-        h2 = h1 + _times(c, drops["dropout2"])
-        n3, ln3 = layer_norm_forward(xp, params["norm3"], h2, eps)
-        f, ff = feed_forward_forward(xp, params, n3, activation, drops["dropout"])
-        y = h2 + _times(f, drops["dropout3"])
-    else:
-        a, sa = _self_attention_fwd(xp, params["self_attn"], x, heads, **sa_opts)
-        y1, ln1 = layer_norm_forward(xp, params["norm1"], x + _times(a, drops["dropout1"]), eps)
-        c, ca = _cross_attention_fwd(xp, params["cross_attn"], y1, memory, cross_heads, **ca_opts)
-        y2, ln2 = layer_norm_forward(xp, params["norm2"], y1 + _times(c, drops["dropout2"]), eps)
-        f, ff = feed_forward_forward(xp, params, y2, activation, drops["dropout"])
-        y, ln3 = layer_norm_forward(xp, params["norm3"], y2 + _times(f, drops["dropout3"]), eps)
-    return y, (xp, params, norm_first, activation, drops, sa, ln1, ca, ln2, ff, ln3)
+    branches = (
+        lambda h: _self_attention_fwd(xp, params["self_attn"], h, heads, **sa_opts),
+        lambda h: _cross_attention_fwd(xp, params["cross_attn"], h, memory, cross_heads, **ca_opts),
+        lambda h: feed_forward_forward(xp, params, h, activation, drops["dropout"]),
+    )
+    return residual_forward(
+        xp,
+        params,
+        x,
+        DECODER_SUBLAYERS,
+        branches,
+        norm_first=norm_first,
+        eps=eps,
+        drops=drops,
+        activation=activation,
+    )
 
 
-def decoder_backward(saved: Any, dy: Array) -> tuple[Params, Array, Array]:
+def decoder_backward(saved: LayerSaved, dy: Array) -> tuple[Params, Array, Array]:
     """``(dparams, dx, dmemory)`` of :func:`decoder_forward` (see :func:`_decoder_bwd`)."""
-    xp, params, norm_first, activation, drops, sa, ln1, ca, ln2, ff, ln3 = saved
-    if norm_first:
-        # y = h2 + D3 FF(LN3 h2)
-        g_ff, dn3 = feed_forward_backward(xp, params, ff, _times(dy, drops["dropout3"]), activation)
-        g_n3, dh2_ln = layer_norm_backward(xp, params["norm3"], ln3, dn3)
-        dh2 = dy + dh2_ln
-        # h2 = h1 + D2 CA(LN2 h1, m)
-        g_ca, dn2, dmk, dmv = mha_backward(ca, _times(dh2, drops["dropout2"]))
-        g_n2, dh1_ln = layer_norm_backward(xp, params["norm2"], ln2, dn2)
-        dh1 = dh2 + dh1_ln
-        # h1 = x + D1 SA(LN1 x)
-        g_sa, dn1 = _self_attention_bwd(sa, _times(dh1, drops["dropout1"]))
-        g_n1, dx_ln = layer_norm_backward(xp, params["norm1"], ln1, dn1)
-        dx = dh1 + dx_ln
-    else:
-        # y = LN3(y2 + D3 FF(y2))
-        g_n3, dh3 = layer_norm_backward(xp, params["norm3"], ln3, dy)
-        g_ff, dy2_ff = feed_forward_backward(
-            xp, params, ff, _times(dh3, drops["dropout3"]), activation
-        )
-        dy2 = dh3 + dy2_ff
-        # y2 = LN2(y1 + D2 CA(y1, m))
-        g_n2, dh2 = layer_norm_backward(xp, params["norm2"], ln2, dy2)
-        g_ca, dy1_ca, dmk, dmv = mha_backward(ca, _times(dh2, drops["dropout2"]))
-        dy1 = dh2 + dy1_ca
-        # y1 = LN1(x + D1 SA(x))
-        g_n1, dh1 = layer_norm_backward(xp, params["norm1"], ln1, dy1)
-        g_sa, dx_sa = _self_attention_bwd(sa, _times(dh1, drops["dropout1"]))
-        dx = dh1 + dx_sa
-    grads = {
-        "self_attn": g_sa,
-        "cross_attn": g_ca,
-        "norm1": g_n1,
-        "norm2": g_n2,
-        "norm3": g_n3,
-        "linear1": g_ff["linear1"],
-        "linear2": g_ff["linear2"],
-    }
-    return {k: grads[k] for k in params}, dx, dmk + dmv
+    xp, params = saved.xp, saved.params
+    d_memory: list[Array] = []
+
+    def cross_attention(s: Any, d: Array) -> tuple[Params, Array]:
+        grads, dq, dk, dv = mha_backward(s, d)
+        d_memory.append(dk + dv)  # the memory is both the key and the value
+        return grads, dq
+
+    def feed_forward(s: Any, d: Array) -> tuple[Params, Array]:
+        return feed_forward_backward(xp, params, s, d, saved.activation)
+
+    (g_sa, g_ca, g_ff), g_norms, dx = residual_backward(
+        saved, dy, (_self_attention_bwd, cross_attention, feed_forward)
+    )
+    grads = {"self_attn": g_sa, "cross_attn": g_ca, **g_norms, **g_ff}
+    return {k: grads[k] for k in params}, dx, d_memory[0]
 
 
 def _decoder_bwd(saved: Any, dy: Array, /) -> tuple[Params, Array, Array]:

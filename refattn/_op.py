@@ -15,6 +15,10 @@ Contract (the ``jax.vjp`` contract applied to a refattn op)::
 * ``options`` are keyword-only and never differentiated (masks, flags, sizes), like the
   ``nondiff_argnames`` of ``jax.custom_vjp``. The backward receives only the options it names
   in its signature (all of them if it takes ``**kwargs``), so it declares what it depends on.
+* Optional primals: a forward may end its positional parameters with defaults (SDPA's
+  ``bias`` and ``sinks``). Given positionally they are primals and get gradients; given as
+  keywords they are options. A backward that names ``n_primals`` in its signature is told how
+  many primals the call had, and returns that many gradients.
 * When the output is a tuple (extra outputs were requested), the cotangent is a tuple of the same
   length; ``None`` marks an output that is not differentiated.
 """
@@ -115,6 +119,11 @@ class Op:
         return self.backward(residuals, cotangent, **options)
 
     @property
+    def counts_primals(self) -> bool:
+        """Whether the backward takes ``n_primals`` (the op has optional primals)."""
+        return self._backward_options is not None and "n_primals" in self._backward_options
+
+    @property
     def primal_names(self) -> list[str]:
         """Names of the forward's positional parameters (used in error messages)."""
         try:
@@ -161,10 +170,11 @@ def vjp(op: Op, *primals: Any, **options: Any) -> tuple[Any, Callable[[Any], tup
     if not isinstance(op, Op):
         raise TypeError(f"refattn.vjp: op must be a refattn.Op, got {type(op).__name__}")
     out, residuals = op.forward(*primals, **options)
+    counted = {"n_primals": len(primals)} if op.counts_primals else {}
 
     def pullback(cotangent: Any) -> tuple[Any, ...]:
         _check_cotangent(op, out, cotangent)
-        grads = op.apply_backward(residuals, cotangent, **options)
+        grads = op.apply_backward(residuals, cotangent, **options, **counted)
         return _check_grads(op, primals, grads)
 
     return out, pullback

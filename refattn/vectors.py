@@ -275,7 +275,7 @@ def _case_seed(label: str) -> int:
 
 
 def _primal_names(op: Op, n: int) -> list[str]:
-    names = list(op.primal_names)
+    names = list(op.primal_names)[:n]  # an op's optional primals may be left out
     if len(names) != n or len(set(names)) != n:
         names = [f"arg{i}" for i in range(n)]
     return names

@@ -128,8 +128,19 @@ def sdpa_make(
             if flags["mask"] == "fully_masked_row":
                 mask[(..., 1, slice(None))] = False
             options["mask"] = mask
-        if flags.get("bias"):
+        primals = [q, k, v]
+        if flags.get("bias") == "primal":  # learnable: a positional bias, with its gradient
+            primals.append(rng.standard_normal(flags.get("bias_shape", (n_q, nk))))
+        elif flags.get("bias"):
             options["bias"] = rng.standard_normal((n_q, nk))
+        if flags.get("sinks"):  # learnable sink logits, one per query head (the 5th primal)
+            primals.append(rng.standard_normal((lead[-1],)))
+        if flags.get("window"):
+            options["window"] = flags["window"]
+        if flags.get("sink_tokens"):
+            options["sink_tokens"] = flags["sink_tokens"]
+        if flags.get("softcap"):
+            options["softcap"] = flags["softcap"]
         if flags.get("causal"):
             options["is_causal"] = True
             options["causal_alignment"] = flags["causal"]
@@ -142,7 +153,7 @@ def sdpa_make(
             options["return_weights"] = True
         if flags.get("lse"):
             options["return_lse"] = True
-        return (q, k, v), options
+        return tuple(primals), options
 
     return make
 
@@ -151,9 +162,14 @@ def _reference_attention(ops: dict[str, Any], primals, options):
     """Attention as explicit math, written once over a framework's ops.
 
     ``ops`` maps: ``asarray``, ``where``, ``softmax``, ``logsumexp``, ``any_last``,
-    ``repeat_heads``, ``transpose_last``, ``expand_last`` (add a trailing axis) for torch or JAX.
+    ``repeat_heads``, ``transpose_last``, ``expand_last`` (add a trailing axis), ``tanh``,
+    ``exp``, ``logaddexp`` for torch or JAX. ``primals`` are ``(q, k, v)``, with a learnable
+    ``bias`` and ``sinks`` (one logit per query head in each row's denominator, no value) when
+    given positionally.
     """
-    q, k, v = primals
+    q, k, v = primals[:3]
+    bias = primals[3] if len(primals) > 3 else options.get("bias")
+    sinks = primals[4] if len(primals) > 4 else None
     n_q, n_k = q.shape[-2], k.shape[-2]
     h_q = q.shape[-3] if q.ndim >= 3 else 1
     if q.ndim >= 3 and k.shape[-3] != h_q:
@@ -161,18 +177,28 @@ def _reference_attention(ops: dict[str, Any], primals, options):
         v = ops["repeat_heads"](v, h_q // v.shape[-3])
     scale = options.get("scale") or 1.0 / math.sqrt(q.shape[-1])
     s = (q @ ops["transpose_last"](k)) * scale
-    if options.get("bias") is not None:
-        s = s + options["bias"]
+    cap = options.get("softcap")
+    if cap:
+        s = cap * ops["tanh"](s / cap)
+    if bias is not None:
+        s = s + bias
     keep = options.get("mask")
+    align = options.get("causal_alignment", "upper_left")
     if options.get("is_causal"):
-        align = options.get("causal_alignment", "upper_left")
         causal = ops["asarray"](causal_mask(n_q, n_k, align))
         keep = causal if keep is None else keep & causal
+    if options.get("window") is not None:
+        band = _window_keep(n_q, n_k, options["window"], align, options.get("sink_tokens", 0))
+        keep = ops["asarray"](band) if keep is None else keep & ops["asarray"](band)
     any_kept = None
     if keep is not None:
         s = ops["where"](keep, s, -_BIG)
         any_kept = ops["any_last"](keep)
-    p = ops["softmax"](s)
+    if sinks is None:
+        p = ops["softmax"](s)
+    else:  # the sink joins the denominator; a row that sees no key has lse = sink
+        lse_sink = ops["logaddexp"](ops["logsumexp"](s), sinks[:, None])
+        p = ops["exp"](s - ops["expand_last"](lse_sink))
     if keep is not None:
         p = p * keep * ops["expand_last"](any_kept)
     pd = p
@@ -181,7 +207,9 @@ def _reference_attention(ops: dict[str, Any], primals, options):
     extras = []
     if options.get("return_weights"):
         extras.append(p)
-    if options.get("return_lse"):
+    if options.get("return_lse") and sinks is not None:
+        extras.append(lse_sink)
+    elif options.get("return_lse"):
         lse = ops["logsumexp"](s)
         if any_kept is not None:
             lse = ops["where"](any_kept, lse, -math.inf)
@@ -200,8 +228,27 @@ def torch_sdpa(torch, primals, options):
         "repeat_heads": lambda x, g: x.repeat_interleave(g, dim=-3),
         "transpose_last": lambda x: x.transpose(-2, -1),
         "expand_last": lambda x: x[..., None],
+        "tanh": torch.tanh,
+        "exp": torch.exp,
+        "logaddexp": torch.logaddexp,
     }
     return _reference_attention(ops, primals, options)
+
+
+def _window_keep(n_q: int, n_k: int, window: Any, align: str, sink_tokens: int) -> np.ndarray:
+    """FlashAttention's window rule (``attention_ref``'s ``construct_local_mask``): key ``j``
+    is visible to query ``i`` iff ``i + o - left <= j <= i + o + right`` with ``o`` the
+    alignment's offset, plus StreamingLLM's first ``sink_tokens`` keys."""
+    left, right = window if isinstance(window, tuple) else (window, window)
+    o = 0 if align == "upper_left" else n_k - n_q
+    i = np.arange(n_q)[:, None] + o
+    j = np.arange(n_k)[None, :]
+    keep = np.ones((n_q, n_k), dtype=bool)
+    if left is not None:
+        keep &= j >= i - left
+    if right is not None:
+        keep &= j <= i + right
+    return keep | (j < sink_tokens)
 
 
 def jax_sdpa(jnp, primals, options):
@@ -216,6 +263,9 @@ def jax_sdpa(jnp, primals, options):
         "repeat_heads": lambda x, g: jnp.repeat(x, g, axis=-3),
         "transpose_last": lambda x: jnp.swapaxes(x, -1, -2),
         "expand_last": lambda x: x[..., None],
+        "tanh": jnp.tanh,
+        "exp": jnp.exp,
+        "logaddexp": jnp.logaddexp,
     }
     return _reference_attention(ops, primals, options)
 
@@ -235,6 +285,26 @@ _SDPA_CASES = {
     "dropout": sdpa_make((2, 4, 3), dropout=True),
     "scale": sdpa_make((2, 4, 3), scale=0.7),
     "weights_and_lse": sdpa_make((2, 2, 3, 3), mask="some", weights=True, lse=True),
+    "learnable_bias": sdpa_make((2, 2, 4, 3), bias="primal", bias_shape=(2, 1, 4), lse=True),
+    "learnable_bias_softcap": sdpa_make(
+        (2, 4, 3), bias="primal", bias_shape=(2, 4, 4), softcap=1.5, causal="upper_left"
+    ),
+    "sinks": sdpa_make((2, 3, 4, 2), bias="primal", sinks=True, lse=True),
+    "sinks_gqa_causal_window": sdpa_make(
+        (1, 4, 5, 2),
+        kv_heads=2,
+        n_k=7,
+        causal="lower_right",
+        window=(1, 0),
+        bias="primal",
+        sinks=True,
+        mask="fully_masked_row",
+        weights=True,
+        lse=True,
+    ),
+    "sink_tokens_window": sdpa_make(
+        (2, 6, 2), window=(1, 1), sink_tokens=2, bias="primal", bias_shape=(1, 6), lse=True
+    ),
 }
 
 for _name, _make in _SDPA_CASES.items():

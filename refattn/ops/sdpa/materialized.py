@@ -21,7 +21,7 @@ from ..._runtime import n_threads, parallel_map
 from ..entmax import normalize_backward, normalize_forward
 from ..softmax import slice_max
 from .problem import Problem
-from .scores import masked_scores_and_slope, tile
+from .scores import BiasGradient, masked_scores_and_slope, tile
 
 __all__ = [
     "Block",
@@ -161,8 +161,10 @@ def _backward_block(
     d_o: Array | None,
     d_p: Array | None,
     d_lse: Array | None,
+    bias_grad: BiasGradient | None = None,
 ) -> tuple[Array, Array, Array]:
-    """Rows ``r0:r1`` of the backward: ``(dQ rows, dK part, dV part)``.
+    """Rows ``r0:r1`` of the backward: ``(dQ rows, dK part, dV part)``; ``dS`` into
+    ``bias_grad`` when the bias is learnable.
 
     With ``t = e o (dP - c)``, where ``c`` collects the per-row terms (Delta, the weights
     cotangent's row sums, minus the LSE cotangent), ``dS = t / l`` and
@@ -206,6 +208,8 @@ def _backward_block(
     else:
         t -= row_c
         t *= e
+    if bias_grad is not None:
+        bias_grad.add(t * inv_l, None, r0, r1, 0, pb.n_k)  # dS = t / l
     if blk.slope is not None:
         t *= blk.slope
     q_scaled = q * (inv_l * pb.scale)
@@ -221,8 +225,10 @@ def backward_blocks(
     d_o: Array | None,
     d_p: Array | None,
     d_lse: Array | None,
+    bias_grad: BiasGradient | None = None,
 ) -> tuple[Array, Array, Array]:
-    """The whole backward from the forward's blocks: ``(dQ, dK, dV)``, canonical.
+    """The whole backward from the forward's blocks: ``(dQ, dK, dV)``, canonical (and ``dB``
+    into ``bias_grad``).
 
     Each worker takes a contiguous run of blocks and accumulates its own dK and dV, so only one
     partial sum per worker is added at the end.
@@ -238,7 +244,7 @@ def backward_blocks(
         d_qs = []
         d_k = d_v = None
         for blk in run:
-            d_q_b, d_k_b, d_v_b = _backward_block(pb, blk, o, d_o, d_p, d_lse)
+            d_q_b, d_k_b, d_v_b = _backward_block(pb, blk, o, d_o, d_p, d_lse, bias_grad)
             d_qs.append(d_q_b)
             if d_k is None:
                 d_k, d_v = d_k_b, d_v_b
@@ -259,21 +265,36 @@ def backward_blocks(
 
 @dataclass
 class MaterializedResiduals:
-    """What the materialized forward saves: the problem, the blocks' weights and ``O``."""
+    """What the materialized forward saves: the problem, the blocks' weights, ``O`` and the
+    LSE."""
 
     pb: Problem
     blocks: list[Block]
     o: Array
+    lse: Array
+
+    def weights(self) -> Array:
+        """The weights ``P`` (canonical), assembled from the blocks."""
+        return weights_from_blocks(self.pb.xp, self.blocks)
 
     def vjp(
-        self, d_o: Array | None, d_p: Array | None, d_lse: Array | None
+        self,
+        d_o: Array | None,
+        d_p: Array | None,
+        d_lse: Array | None,
+        bias_grad: BiasGradient | None = None,
     ) -> tuple[Array, Array, Array]:
         """Canonical ``(dQ, dK, dV)`` from canonical cotangents (see :func:`backward_blocks`)."""
-        return backward_blocks(self.pb, self.blocks, self.o, d_o, d_p, d_lse)
+        return backward_blocks(self.pb, self.blocks, self.o, d_o, d_p, d_lse, bias_grad)
 
 
 def forward(pb: Problem, *, want_weights: bool) -> tuple[Array, Array | None, Array, Any]:
     """``(O, P or None, lse, residuals)`` in the canonical layout."""
     o, blocks, lse = forward_blocks(pb)
+    if pb.sinks is not None:  # the sinks' share of each row (Problem.add_sinks)
+        lse, r = pb.add_sinks(lse)
+        o = o * r[..., None]
+        for blk in blocks:
+            blk.inv_l = blk.inv_l * r[:, :, :, blk.r0 : blk.r1, None]
     weights = weights_from_blocks(pb.xp, blocks) if want_weights else None
-    return o, weights, lse, MaterializedResiduals(pb, blocks, o)
+    return o, weights, lse, MaterializedResiduals(pb, blocks, o, lse)

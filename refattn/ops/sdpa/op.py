@@ -23,6 +23,7 @@ from typing import Any
 from ..._op import Op
 from . import materialized, tiled
 from .problem import prepare
+from .scores import BiasGradient
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -34,12 +35,14 @@ def _sdpa_fwd(
     k: Array,
     v: Array,
     /,
+    bias: Array | None = None,
+    sinks: Array | None = None,
     *,
     mask: Array | None = None,
-    bias: Array | None = None,
     is_causal: bool = False,
     causal_alignment: str = "upper_left",
     window: int | tuple[int | None, int | None] | None = None,
+    sink_tokens: int = 0,
     query_lengths: Any = None,
     key_lengths: Any = None,
     scale: float | None = None,
@@ -59,8 +62,11 @@ def _sdpa_fwd(
     .. math::
 
         O = \bigl(\mathrm{softmax}(\mathrm{cap}(\mathrm{scale}\cdot QK^\top) + \mathrm{bias},
-        \ \mathrm{mask}) \circ \mathrm{dropout\_mask} / (1 - p)\bigr) V, \qquad
+        \ \mathrm{mask};\ \sigma) \circ \mathrm{dropout\_mask} / (1 - p)\bigr) V, \qquad
         \mathrm{cap}(x) = c \tanh(x / c)
+
+    where a sink logit ``σ`` joins each row's softmax denominator,
+    ``P_ij = e^{S_ij} / (Σ_j' e^{S_ij'} + e^σ)``.
 
     Parameters
     ----------
@@ -70,11 +76,20 @@ def _sdpa_fwd(
     v : (..., Hkv, n_k, d_v)
         ``Hq`` must be a multiple of ``Hkv``; query head ``h`` uses kv head ``h // (Hq // Hkv)``
         (GQA; ``Hkv = 1`` is MQA). The batch axes ``...`` must be equal.
+    bias : float, broadcastable to (..., Hq, n_q, n_k), optional
+        Added to the scaled scores (ALiBi, relative positions, torch's float ``attn_mask``).
+        Given positionally it is a primal: ``vjp`` returns its gradient ``dS`` summed over its
+        broadcast axes (a learnable relative-position table or ALiBi slopes reach it through
+        the op that builds the bias). Given as ``bias=`` it is an option, not differentiated.
+    sinks : float, (Hq,) or (), optional
+        Learnable attention-sink logits (gpt-oss; one per query head, or one for all): a logit
+        in every row's softmax denominator with no value, so each row's weights sum to
+        ``1 - e^{σ - lse}``. The returned LSE includes it, and a row that sees no key has
+        ``lse = σ`` and output 0. Positional: a primal with its gradient
+        ``dσ = Σ_{b,i} p_σi (dlse_i - Δ_i)``; ``sinks=``: not differentiated.
     mask : bool, broadcastable to (..., Hq, n_q, n_k)
         True = attend (the ``torch.nn.functional.scaled_dot_product_attention`` and
         ``jax.nn.dot_product_attention`` meaning).
-    bias : float, broadcastable to (..., Hq, n_q, n_k)
-        Added to the scaled scores (ALiBi, relative positions, torch's float ``attn_mask``).
     is_causal : bool
         Also mask keys after the query, aligned by ``causal_alignment``.
     causal_alignment : {"upper_left", "lower_right"}
@@ -90,6 +105,11 @@ def _sdpa_fwd(
         ``local_window_size``; lower-right is FlashAttention's ``window_size`` (whose ``-1`` is
         ``None`` here). Combined with ``is_causal`` by AND. The tiled kernel skips every tile
         outside the band.
+    sink_tokens : int >= 0
+        StreamingLLM's sink tokens: the first ``sink_tokens`` keys stay visible through the
+        ``window`` (not through the causal mask, the padding or ``mask``). A sink token's own
+        row keeps its window: unlike :func:`refattn.sliding_window_attention`'s
+        ``global_tokens``, whose rows see every key. Without a window it changes nothing.
     query_lengths, key_lengths : ints, one per batch element, optional
         A padded batch (JAX's ``query_seq_lengths``/``key_value_seq_lengths``): element ``b``
         has the queries ``i < query_lengths[b]`` and the keys ``j < key_lengths[b]`` (None: all
@@ -151,9 +171,11 @@ def _sdpa_fwd(
         v,
         mask=mask,
         bias=bias,
+        sinks=sinks,
         is_causal=is_causal,
         causal_alignment=causal_alignment,
         window=window,
+        sink_tokens=sink_tokens,
         query_lengths=query_lengths,
         key_lengths=key_lengths,
         scale=scale,
@@ -180,7 +202,8 @@ def _sdpa_bwd(
     *,
     return_weights: bool = False,
     return_lse: bool = False,
-) -> tuple[Array, Array, Array]:
+    n_primals: int = 3,
+) -> tuple[Array | None, ...]:
     r"""VJP of scaled dot-product attention.
 
     With :math:`\tilde P = P \circ M / (1-p)` the dropped weights and upstream cotangents
@@ -210,7 +233,16 @@ def _sdpa_bwd(
     """
     pb = residuals.pb
     d_o, d_p, d_l = pb.cotangents(cotangent, return_weights=return_weights, return_lse=return_lse)
-    return pb.gradients(*residuals.vjp(d_o, d_p, d_l))
+    bias_grad = BiasGradient(pb) if n_primals >= 4 and pb.bias is not None else None
+    grads = pb.gradients(*residuals.vjp(d_o, d_p, d_l, bias_grad))
+    if n_primals == 3:
+        return grads
+    d_bias = None if bias_grad is None else pb.bias_gradient(bias_grad.grad)
+    d_sinks = None
+    if n_primals == 5 and pb.sinks is not None:
+        weights = residuals.weights() if d_p is not None else None
+        d_sinks = pb.sinks_gradient(residuals.o, residuals.lse, weights, d_o, d_p, d_l)
+    return (*grads, d_bias, d_sinks)[:n_primals]
 
 
 scaled_dot_product_attention = Op(

@@ -47,10 +47,13 @@ class Pattern:
 
     .. math::
 
-        (j - i \le \mathrm{causal}) \wedge \bigl(\mathrm{band}(i, j) \vee i < G \vee j < G\bigr),
+        (j - i \le \mathrm{causal}) \wedge \bigl(\mathrm{band}(i, j) \vee i < G \vee j < G
+        \vee j < Z\bigr),
         \qquad \mathrm{band}(i, j) = (i - j \le \mathrm{left}) \wedge (j - i \le \mathrm{right}),
 
-    where a ``None`` bound is absent and ``G = n_global``; besides, no query ``i >= rows`` and no
+    where a ``None`` bound is absent, ``G = n_global`` (global tokens: their rows see every key
+    and their columns are seen by every query) and ``Z = n_sink`` (StreamingLLM's sink tokens:
+    columns only, a sink's own row keeps the band); besides, no query ``i >= rows`` and no
     key ``j >= keys`` is visible (one sequence of a padded batch, :attr:`Lengths.patterns`;
     ``None``: no bound).
 
@@ -66,6 +69,7 @@ class Pattern:
     n_global: int = 0
     rows: int | None = None
     keys: int | None = None
+    n_sink: int = 0
 
     def tile_state(self, r0: int, r1: int, c0: int, c1: int) -> int:
         """Whether rows ``r0:r1`` x keys ``c0:c1`` are all hidden, all visible, or mixed."""
@@ -78,14 +82,15 @@ class Pattern:
                 return EMPTY
             causal_full = causal_full and (c1 - 1) - r0 <= self.causal
         left, right, g = self.left, self.right, self.n_global
+        z = max(g, self.n_sink)  # keys every query may see
         band_empty = (left is not None and r0 - (c1 - 1) > left) or (
             right is not None and c0 - (r1 - 1) > right
         )
         band_full = (left is None or (r1 - 1) - c0 <= left) and (
             right is None or (c1 - 1) - r0 <= right
         )
-        global_full = r1 <= g or c1 <= g
-        global_empty = r0 >= g and c0 >= g
+        global_full = r1 <= g or c1 <= z
+        global_empty = r0 >= g and c0 >= z
         if band_empty and global_empty:
             return EMPTY
         if (band_full or global_full) and causal_full:
@@ -100,7 +105,7 @@ class Pattern:
             return [(0, hi)]
         lo_band = 0 if self.left is None else max(0, r0 - self.left)
         hi_band = hi if self.right is None else min(hi, r1 + self.right)
-        return [(0, min(self.n_global, hi)), (lo_band, hi_band)]
+        return [(0, min(max(self.n_global, self.n_sink), hi)), (lo_band, hi_band)]
 
 
 @dataclass(frozen=True)
@@ -183,10 +188,9 @@ class Plan:
         return self.score_bytes < SERIAL_BYTES
 
 
-def _edges(n: int, block: int, split: int) -> list[int]:
+def _edges(n: int, block: int, *splits: int) -> list[int]:
     edges = set(range(0, n, block)) | {n}
-    if 0 < split < n:
-        edges.add(split)
+    edges.update(split for split in splits if 0 < split < n)
     return sorted(edges)
 
 
@@ -206,8 +210,9 @@ def plan_tiles(
     """Blocks, head chunks and the visible tiles of a call (cached by shape: read-only).
 
     Queries ``(b, h_kv, g, n_q, ·)`` against ``n_k`` keys, ``elem_bytes`` per score. Query and
-    key blocks are ``blocks = (block_q, block_k)``, with an extra edge at ``pattern.n_global``
-    so that global rows and columns form their own blocks. Heads are grouped so that a unit's
+    key blocks are ``blocks = (block_q, block_k)``, with extra edges at ``pattern.n_global`` and
+    (keys) ``pattern.n_sink`` so that global rows and global or sink columns form their own
+    blocks. Heads are grouped so that a unit's
     tile stays under ``tile_bytes`` (:data:`TILE_BYTES` by default, see
     :func:`~refattn.ops.sdpa.tiled.make_plan`). Planning a causal call costs as much as a small
     forward, hence the cache. With ``per_batch`` (one exact :class:`Pattern` per batch element,
@@ -216,8 +221,9 @@ def plan_tiles(
     """
     block_q, block_k = blocks
     split = pattern.n_global if pattern is not None else 0
+    sink = pattern.n_sink if pattern is not None else 0
     row_edges = _edges(n_q, block_q, split)
-    col_edges = _edges(n_k, block_k, split)
+    col_edges = _edges(n_k, block_k, split, sink)
     rows = tuple(itertools.pairwise(row_edges))
     cols = list(itertools.pairwise(col_edges))
     tile = max(1, g * min(block_q, max(n_q, 1)) * min(block_k, max(n_k, 1)) * elem_bytes)
@@ -342,7 +348,8 @@ class Lengths:
 
     with ``o_b = k[b] - q[b]`` ("lower_right": each sequence aligned on its own lengths, as
     FlashAttention's varlen kernels and ``attention_ref`` with padding masks) or ``o_b = 0``
-    ("upper_left", where lengths change nothing but the padding).
+    ("upper_left", where lengths change nothing but the padding); the first ``n_sink`` keys
+    are visible through any window (not through the causal bound or the padding).
     :attr:`patterns` holds it per sequence.
     """
 
@@ -352,6 +359,7 @@ class Lengths:
     causal: bool
     left: int | None
     right: int | None
+    n_sink: int = 0
 
     @functools.cached_property
     def patterns(self) -> tuple[Pattern, ...]:
@@ -364,6 +372,7 @@ class Lengths:
                 right=None if self.right is None else self.right + o,
                 rows=q,
                 keys=k,
+                n_sink=self.n_sink,
             )
             for q, k, o in zip(self.q, self.k, self.offsets, strict=True)
         )
@@ -376,13 +385,15 @@ def causal_pattern(
     n_k: int,
     window: tuple[int | None, int | None] | None = None,
     lengths: Lengths | None = None,
+    n_sink: int = 0,
 ) -> Pattern | None:
     """The :class:`Pattern` of SDPA's causal mask and local window (None when neither is set).
 
     Both are aligned on the diagonal ``j = i + o``, with ``o = 0`` ("upper_left") or
     ``o = n_k - n_q`` ("lower_right"). The window ``(left, right)`` keeps keys
     ``i + o - left <= j <= i + o + right`` (None: unbounded on that side), that is
-    ``i - j <= left - o`` and ``j - i <= right + o`` in :class:`Pattern`'s terms.
+    ``i - j <= left - o`` and ``j - i <= right + o`` in :class:`Pattern`'s terms. The first
+    ``n_sink`` keys (StreamingLLM's sink tokens) are kept through the window.
 
     With per-sequence ``lengths`` the offsets ``o_b`` differ between batch elements; the
     pattern is then their union (the loosest bound of every side, and the longest lengths),
@@ -397,12 +408,14 @@ def causal_pattern(
             right=None if right is None else right + hi,
             rows=max(lengths.q, default=0),
             keys=max(lengths.k, default=0),
+            n_sink=n_sink,
         )
     offset = 0 if alignment == "upper_left" else n_k - n_q
     if not is_causal and left is None and right is None:
-        return None
+        return None  # sink tokens are visible anyway
     return Pattern(
         causal=offset if is_causal else None,
         left=None if left is None else left - offset,
         right=None if right is None else right + offset,
+        n_sink=n_sink if (left is not None or right is not None) else 0,
     )

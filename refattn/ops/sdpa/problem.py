@@ -57,6 +57,7 @@ class Problem:
         then the kernels use each sequence's own rule, and ``pattern`` is only their union
         (its band width picks the default tile size).
     bias : broadcastable to (B, Hkv, g, n_q, n_k), or None
+    sinks : (1, Hkv|1, g|1, 1) learnable sink logits, or None; ``sinks_shape`` the user's
     drop : dropout multiplier ``mask / (1 - p)`` broadcastable like ``bias``, or None
     scale : Python float
     softcap : Python float > 0, or None (no cap)
@@ -89,6 +90,9 @@ class Problem:
     lse_shape: tuple[int, ...]
     weights_shape: tuple[int, ...]
     lengths: Lengths | None = None
+    sinks: Array | None = None
+    sinks_shape: tuple[int, ...] | None = None
+    bias_shape: tuple[int, ...] | None = None
 
     @property
     def n_q(self) -> int:
@@ -137,6 +141,73 @@ class Problem:
             xp.reshape(d_v, self.v_shape),
         )
 
+    def bias_gradient(self, grad: Array) -> Array:
+        """A canonical bias gradient ``(B|1, Hkv|1, g|1, n_q|1, n_k|1)`` in the user's bias
+        shape: summed over the axes that the user's bias broadcast."""
+        xp = self.xp
+        two_d = len(self.q_shape) == 2
+        batch = () if two_d else tuple(self.q_shape[:-3])
+        user = tuple(self.bias_shape)
+        full = (1,) * ((2 if two_d else len(batch) + 3) - len(user)) + user
+        heads = () if two_d else (1 if grad.shape[1] * grad.shape[2] == 1 else self.q_shape[-3],)
+        lead = (1,) * len(batch) if grad.shape[0] == 1 else batch
+        grad = xp.reshape(grad, (*lead, *heads, *grad.shape[3:]))
+        axes = tuple(i for i, n in enumerate(full) if n == 1 and grad.shape[i] != 1)
+        if axes:
+            grad = xp.sum(grad, axis=axes, keepdims=True)
+        return xp.reshape(grad, user)
+
+    def add_sinks(self, lse: Array) -> tuple[Array, Array]:
+        r"""The sink logits' share of each row: ``(lse', r)`` from the keys' ``lse``.
+
+        A sink ``σ`` is one more logit in every row's softmax, with no value (gpt-oss):
+        ``lse' = log(e^lse + e^σ)``, and every weight and output is multiplied by
+        ``r = e^{lse - lse'}`` (0 for a row that sees no key: its output stays 0 and
+        ``lse' = σ``). Both kernels compute without the sink and apply this at the end, so the
+        LSE-recompute backward sees ``P = exp(S - lse')`` unchanged.
+        """
+        xp = self.xp
+        new = xp.logaddexp(lse, self.sinks)  # (1, Hkv|1, g|1, 1) against (B, Hkv, g, n_q)
+        empty = lse == -math.inf
+        r = xp.where(empty, xp.zeros_like(lse), xp.exp(xp.where(empty, new, lse) - new))
+        return new, r
+
+    def sinks_gradient(
+        self,
+        o: Array,
+        lse: Array,
+        weights: Array | None,
+        d_o: Array | None,
+        d_w: Array | None,
+        d_lse: Array | None,
+    ) -> Array:
+        r"""``dσ`` from canonical ``O``, ``lse`` (with the sinks), weights and cotangents.
+
+        With :math:`p_{\sigma i} = e^{\sigma - \mathrm{lse}_i}` the sink's weight in row ``i``,
+        ``O_i`` and every key weight scale as :math:`\partial/\partial\sigma = -p_{\sigma i}`,
+        and :math:`\partial\,\mathrm{lse}_i / \partial\sigma = p_{\sigma i}`, so
+
+        .. math::
+
+            d\sigma = \sum_{b, i} p_{\sigma i}\,\bigl(d\ell_i - \Delta_i\bigr),\qquad
+            \Delta_i = \textstyle\sum_c dO_{ic} O_{ic} + \sum_j P_{ij}\, dW_{ij},
+
+        summed over the batch and the rows of each head: the sink's entry of the softmax VJP
+        ``p (dp - Δ)`` with ``dp = dℓ`` (it has no value, hence no ``dO`` term).
+        """
+        xp = self.xp
+        c = xp.zeros_like(lse)
+        if d_o is not None:
+            c = c + xp.sum(d_o * o, axis=-1)
+        if d_w is not None:
+            c = c + xp.sum(d_w * weights, axis=-1)
+        if d_lse is not None:
+            c = c - d_lse
+        per_head = xp.sum(-xp.exp(self.sinks - lse) * c, axis=(0, 3))  # (Hkv, g)
+        if math.prod(self.sinks_shape) == 1:
+            return xp.reshape(xp.sum(per_head), self.sinks_shape)
+        return xp.reshape(per_head, self.sinks_shape)
+
 
 # ----------------------------------------------------------------------------- validation
 
@@ -148,9 +219,11 @@ def prepare(
     *,
     mask: Array | None = None,
     bias: Array | None = None,
+    sinks: Array | None = None,
     is_causal: bool = False,
     causal_alignment: str = "upper_left",
     window: Any = None,
+    sink_tokens: int = 0,
     query_lengths: Any = None,
     key_lengths: Any = None,
     scale: float | None = None,
@@ -173,7 +246,7 @@ def prepare(
     validated field of :class:`Problem` plus one line in
     :func:`~refattn.ops.sdpa.scores.masked_scores` (and its derivative in the backwards).
     """
-    xp = namespace(q, k, v, mask, bias, dropout_mask)
+    xp = namespace(q, k, v, mask, bias, sinks, dropout_mask)
     dtype = floating_dtype(xp, {"q": q, "k": k, "v": v})
     if q.ndim < 2 or q.ndim != k.ndim or q.ndim != v.ndim:
         raise ValueError(
@@ -228,12 +301,21 @@ def prepare(
         dropout_mask=dropout_mask,
         dropout_p=dropout_p,
     )
+    sink_tokens = _check_sink_tokens(op, sink_tokens, window)
     lengths = check_lengths(
-        op, scores_shape, query_lengths, key_lengths, is_causal, causal_alignment, window
+        op,
+        scores_shape,
+        query_lengths,
+        key_lengths,
+        is_causal,
+        causal_alignment,
+        window,
+        sink_tokens,
     )
     drop = _dropout_multiplier(xp, dropout_mask, dropout_p, dtype)
     blocks = check_block_size(block_size, op)
     alpha = _check_normalizer(op, normalizer, alpha, return_lse, implementation)
+    _check_sinks(op, xp, sinks, h_q, dtype, normalizer)
     chosen = choose_implementation(
         implementation,
         n_scores=math.prod(q.shape[:-1]) * n_k,
@@ -252,8 +334,11 @@ def prepare(
         keep=canon(mask) if mask is not None else None,
         bias=canon(bias) if bias is not None else None,
         drop=canon(drop) if drop is not None else None,
-        pattern=causal_pattern(is_causal, causal_alignment, n_q, n_k, window, lengths),
+        pattern=causal_pattern(is_causal, causal_alignment, n_q, n_k, window, lengths, sink_tokens),
         lengths=lengths,
+        sinks=None if sinks is None else xp.reshape(sinks, (1, *_head_axes(sinks, h_kv, g), 1)),
+        sinks_shape=None if sinks is None else tuple(sinks.shape),
+        bias_shape=None if bias is None else tuple(bias.shape),
         scale=scale,
         softcap=softcap,
         normalizer=normalizer,
@@ -331,6 +416,7 @@ def check_lengths(
     is_causal: bool,
     causal_alignment: str,
     window: tuple[int | None, int | None] | None,
+    sink_tokens: int = 0,
 ) -> Lengths | None:
     """The :class:`~refattn.ops.sdpa.plan.Lengths` of a padded batch, or None without lengths.
 
@@ -350,7 +436,7 @@ def check_lengths(
     else:
         offsets = (0,) * len(q_len)
     left, right = window if window is not None else (None, None)
-    return Lengths(q_len, k_len, offsets, is_causal, left, right)
+    return Lengths(q_len, k_len, offsets, is_causal, left, right, sink_tokens)
 
 
 def _lengths(op: str, name: str, value: Any, batch: tuple[int, ...], n: int) -> tuple[int, ...]:
@@ -394,6 +480,42 @@ def _check_window(op: str, window: Any) -> tuple[int | None, int | None] | None:
         )
     left, right = pair
     return (None if left is None else int(left), None if right is None else int(right))
+
+
+def _check_sink_tokens(op: str, sink_tokens: Any, window: Any) -> int:
+    """StreamingLLM's sink tokens: an int >= 0, the first keys kept through the ``window``."""
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(
+            f"refattn.{op}: sink_tokens must be an int >= 0 (the first keys every query sees "
+            f"through its window), got {sink_tokens!r}"
+        )
+    return int(sink_tokens)
+
+
+def _check_sinks(
+    op: str, xp: Any, sinks: Array | None, h_q: int, dtype: Any, normalizer: str
+) -> None:
+    """Learnable sink logits: ``(Hq,)``, one per query head, or ``()``, one for all heads."""
+    if sinks is None:
+        return
+    if tuple(sinks.shape) not in ((), (h_q,)):
+        raise ValueError(
+            f"refattn.{op}: sinks must have shape ({h_q},) (one logit per query head) or () "
+            f"(one for all heads), got {describe(sinks)}"
+        )
+    if sinks.dtype != dtype:
+        raise TypeError(
+            f"refattn.{op}: sinks must have the inputs' dtype {dtype}, got {sinks.dtype}"
+        )
+    if normalizer != "softmax":
+        raise ValueError(
+            f"refattn.{op}: sinks are softmax logits; normalizer={normalizer!r} has none"
+        )
+
+
+def _head_axes(sinks: Array, h_kv: int, g: int) -> tuple[int, int]:
+    """Canonical head axes ``(Hkv|1, g|1)`` of the sink logits."""
+    return (1, 1) if sinks.ndim == 0 or h_kv * g == 1 else (h_kv, g)
 
 
 def _check_scale(op: str, scale: Any, d_k: int) -> float:

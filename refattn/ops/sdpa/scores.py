@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Any
 
 from ..._backend import device_of
@@ -36,6 +37,7 @@ from .plan import DEFAULT_BLOCK, Heads, Lengths, Pattern
 from .problem import Problem
 
 __all__ = [
+    "BiasGradient",
     "full_keep",
     "heads_of",
     "lengths_keep",
@@ -163,7 +165,9 @@ def pattern_keep(
     Without global tokens and length bounds the mask depends on ``i - j`` only, so the tiles
     along one diagonal (all causal diagonal tiles, say) share one cached mask.
     """
-    relative = pattern.n_global == 0 and pattern.rows is None and pattern.keys is None
+    relative = (
+        pattern.n_global == 0 and pattern.n_sink == 0 and pattern.rows is None
+    ) and pattern.keys is None
     if relative and (r1 - r0) * (c1 - c0) <= _CACHED_MASK_ENTRIES:
         return _relative_keep(pattern, xp, r1 - r0, c1 - c0, r0 - c0, device)
     return _keep(pattern, xp, r0, r1, c0, c1, device)
@@ -187,6 +191,8 @@ def _keep(pattern: Pattern, xp: Any, r0: int, r1: int, c0: int, c1: int, device:
         keep = xp.logical_and(keep, j - i <= pattern.right)
     if pattern.n_global:
         keep = xp.logical_or(keep, xp.logical_or(i < pattern.n_global, j < pattern.n_global))
+    if pattern.n_sink:
+        keep = xp.logical_or(keep, j < pattern.n_sink)
     if pattern.causal is not None:
         keep = xp.logical_and(keep, j - i <= pattern.causal)
     if pattern.rows is not None:
@@ -223,3 +229,32 @@ def full_keep(pb: Problem) -> Array | None:
     structured = _keep(pb.pattern, xp, 0, pb.n_q, 0, pb.n_k, device_of(pb.q))
     structured = xp.reshape(structured, (1, 1, 1, pb.n_q, pb.n_k))
     return structured if pb.keep is None else xp.logical_and(pb.keep, structured)
+
+
+class BiasGradient:
+    r"""The gradient of a learnable bias, accumulated tile by tile: ``dB = dS`` summed over the
+    bias's broadcast axes (``S = cap(scale Q Kᵀ) + B``, so ``∂S/∂B = 1``).
+
+    ``grad`` has the canonical bias's shape ``(B|1, Hkv|1, g|1, n_q|1, n_k|1)``. Tiles of one
+    call may add to the same entries from several threads (a bias shared by rows or heads), so
+    :meth:`add` takes a lock.
+    """
+
+    def __init__(self, pb: Problem) -> None:
+        self.xp = pb.xp
+        self.grad = pb.xp.zeros_like(pb.bias)
+        self._lock = threading.Lock()
+
+    def add(self, d_s: Array, hc: Heads | None, r0: int, r1: int, c0: int, c1: int) -> None:
+        """Add one tile's ``dS`` ``(b, h, g, r, c)`` (heads ``hc``, rows ``r0:r1``, keys
+        ``c0:c1``)."""
+        xp, grad = self.xp, self.grad
+        axes = tuple(i for i in range(5) if grad.shape[i] == 1 and d_s.shape[i] != 1)
+        part = xp.sum(d_s, axis=axes, keepdims=True) if axes else d_s
+        b = slice(None) if grad.shape[0] == 1 or hc is None else slice(hc.b0, hc.b1)
+        h = slice(None) if grad.shape[1] == 1 or hc is None else slice(hc.h0, hc.h1)
+        r = slice(None) if grad.shape[3] == 1 else slice(r0, r1)
+        c = slice(None) if grad.shape[4] == 1 else slice(c0, c1)
+        index = (b, h, slice(None), r, c)
+        with self._lock:
+            grad[index] = grad[index] + part

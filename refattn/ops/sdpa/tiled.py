@@ -82,7 +82,7 @@ from ..._runtime import matmul_scratch, n_threads, parallel_map
 from . import plan as tile_plans
 from .plan import Heads, Plan, default_block, plan_tiles
 from .problem import Problem
-from .scores import heads_of, masked_scores, masked_scores_and_slope, tile
+from .scores import BiasGradient, heads_of, masked_scores, masked_scores_and_slope, tile
 
 __all__ = ["TiledResiduals", "forward", "make_plan", "tiled_backward", "tiled_forward"]
 
@@ -644,8 +644,10 @@ def tiled_backward(
     d_o: Array | None,
     d_w: Array | None = None,
     d_lse: Array | None = None,
+    bias_grad: BiasGradient | None = None,
 ) -> tuple[Array, Array, Array]:
-    """LSE-recompute backward: ``(dQ, dK, dV)`` in the canonical layout.
+    """LSE-recompute backward: ``(dQ, dK, dV)`` in the canonical layout (and each tile's
+    ``dS`` into ``bias_grad`` when the bias is learnable).
 
     ``o (B, Hkv, g, n_q, d_v)`` and ``lse (B, Hkv, g, n_q)`` from :func:`tiled_forward`;
     cotangents ``d_o`` like ``o``, ``d_w (B, Hkv, g, n_q, n_k)`` for returned weights and
@@ -681,7 +683,20 @@ def tiled_backward(
                 r0, r1 = plan.rows[ri]
                 tiles = plan.tiles(hc, ri)
                 dq_u = _backward_unit(
-                    pb, tiles, hc, r0, r1, o, lse, d_o, d_w, d_lse, lane_dk, lane_dv, keys
+                    pb,
+                    tiles,
+                    hc,
+                    r0,
+                    r1,
+                    o,
+                    lse,
+                    d_o,
+                    d_w,
+                    d_lse,
+                    lane_dk,
+                    lane_dv,
+                    keys,
+                    bias_grad,
                 )
                 d_q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = dq_u
 
@@ -707,6 +722,7 @@ def _backward_unit(
     d_k: Array,
     d_v: Array,
     keys: AugmentedKeys,
+    bias_grad: BiasGradient | None = None,
 ) -> Array:
     r"""Rows ``r0:r1`` of heads ``hc``: returns their ``dQ``, adds into ``d_k``, ``d_v``.
 
@@ -784,6 +800,8 @@ def _backward_unit(
             d_p *= p  # d_p is this tile's own array: dS = P o (dP - c) in place
         else:
             d_p = p * (-c if d_w_u is None else d_w_u[..., c0:c1] - c)
+        if bias_grad is not None:
+            bias_grad.add(d_p, hc, r0, r1, c0, c1)  # dS, before the cap's slope
         if slope is not None:
             d_p *= slope
         d_s = _merge(xp, d_p)
@@ -824,12 +842,21 @@ class TiledResiduals:
     plan: Plan
     o: Array
     lse: Array
+    saved_weights: Array | None = None
+
+    def weights(self) -> Array | None:
+        """The weights ``P`` if the forward returned them (they are an output), else None."""
+        return self.saved_weights
 
     def vjp(
-        self, d_o: Array | None, d_w: Array | None = None, d_lse: Array | None = None
+        self,
+        d_o: Array | None,
+        d_w: Array | None = None,
+        d_lse: Array | None = None,
+        bias_grad: BiasGradient | None = None,
     ) -> tuple[Array, Array, Array]:
         """Canonical ``(dQ, dK, dV)`` from canonical cotangents (see :func:`tiled_backward`)."""
-        return tiled_backward(self.pb, self.plan, self.o, self.lse, d_o, d_w, d_lse)
+        return tiled_backward(self.pb, self.plan, self.o, self.lse, d_o, d_w, d_lse, bias_grad)
 
 
 def forward(
@@ -844,4 +871,8 @@ def forward(
     """
     plan = plan or make_plan(pb)
     o, lse, weights = tiled_forward(pb, plan, want_weights=want_weights)
-    return o, weights, lse, TiledResiduals(pb, plan, o, lse)
+    if pb.sinks is not None:  # the sinks' share of each row (Problem.add_sinks)
+        lse, r = pb.add_sinks(lse)
+        o = o * r[..., None]
+        weights = None if weights is None else weights * r[..., None]
+    return o, weights, lse, TiledResiduals(pb, plan, o, lse, weights)

@@ -31,6 +31,7 @@ def _modules():
         "mha_packed": torch.nn.MultiheadAttention(8, 2, **f64),
         "mha_kdim_vdim": torch.nn.MultiheadAttention(8, 2, kdim=3, vdim=5, **f64),
         "mha_no_bias": torch.nn.MultiheadAttention(8, 4, bias=False, **f64),
+        "mha_bias_kv": torch.nn.MultiheadAttention(8, 2, add_bias_kv=True, **f64),
         "encoder": torch.nn.TransformerEncoderLayer(8, 2, 12, batch_first=True, **f64),
         "encoder_no_bias": torch.nn.TransformerEncoderLayer(
             8, 2, 12, batch_first=True, bias=False, **f64
@@ -135,19 +136,22 @@ def test_options_from_torch():
         "norm_first": True,
         "activation": "gelu",
         "layer_norm_eps": 1e-6,
+        "batch_first": False,
     }
     tanh = torch.nn.TransformerEncoderLayer(8, 4, activation=torch.nn.GELU(approximate="tanh"))
     assert options_from_torch(tanh)["activation"] == "gelu_tanh"
-    assert options_from_torch(torch.nn.MultiheadAttention(8, 2)) == {"n_heads": 2}
+    assert options_from_torch(torch.nn.MultiheadAttention(8, 2)) == {
+        "n_heads": 2,
+        "add_zero_attn": False,
+        "batch_first": False,
+    }
+    mha = torch.nn.MultiheadAttention(8, 2, add_zero_attn=True, batch_first=True)
+    assert options_from_torch(mha) == {"n_heads": 2, "add_zero_attn": True, "batch_first": True}
     with pytest.raises(ValueError, match="unsupported activation"):
         options_from_torch(torch.nn.TransformerEncoderLayer(8, 4, activation=torch.nn.SiLU()))
 
 
 def test_unsupported_modules_and_trees_rejected():
-    with pytest.raises(ValueError, match="add_bias_kv"):
-        params_from_torch(torch.nn.MultiheadAttention(8, 2, add_bias_kv=True))
-    with pytest.raises(ValueError, match="add_zero_attn"):
-        params_from_torch(torch.nn.MultiheadAttention(8, 2, add_zero_attn=True))
     with pytest.raises(TypeError, match="source must be"):
         params_from_torch(torch.nn.Linear(2, 2))
     state = dict(torch.nn.MultiheadAttention(8, 2).state_dict())

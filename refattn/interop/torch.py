@@ -27,8 +27,10 @@ norm1.weight, norm1.bias           norm1.weight, norm1.bias (norm2, norm3 alike)
 Gradients have the structure of the parameters, so :func:`grads_to_torch` is the same mapping;
 its names match ``module.named_parameters()``.
 
-``bias_k``/``bias_v`` (``add_bias_kv=True``) and ``add_zero_attn=True`` have no refattn
-counterpart and are rejected. torch is imported lazily, inside the functions.
+``bias_k``/``bias_v`` (``add_bias_kv=True``, ``(1, 1, E)``) become the MHA tree's ``bias_k``
+and ``bias_v`` (``(E,)``), appended after the projections as torch does; ``add_zero_attn`` is
+an option of the call (:func:`options_from_torch` reports it, with ``batch_first``). torch is
+imported lazily, inside the functions.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def params_from_torch(
     Raises
     ------
     ValueError
-        For ``add_bias_kv`` / ``add_zero_attn`` modules, and for missing or unexpected names.
+        For missing or unexpected names.
     """
     import numpy as np
 
@@ -158,12 +160,9 @@ def _linear_from_state(take: Any, convert: Any, name: str) -> Params:
 
 
 def _mha_from_state(take: Any, convert: Any, prefix: str) -> Params:
-    for extra in ("bias_k", "bias_v"):
-        if take(prefix + extra, required=False) is not None:
-            raise ValueError(
-                f"refattn.params_from_torch: '{prefix}{extra}' (add_bias_kv=True) has no refattn "
-                "counterpart; append the bias rows to key/value yourself or use add_bias_kv=False"
-            )
+    bias_kv = {
+        name: take(prefix + name, required=False) for name in ("bias_k", "bias_v")
+    }  # (1, 1, E): appended to the projected keys and values (add_bias_kv=True)
     out = _linear_from_state(take, convert, prefix + "out_proj")
     d_model = int(out["weight"].shape[0])
     packed = take(prefix + "in_proj_weight", required=False)
@@ -182,6 +181,9 @@ def _mha_from_state(take: Any, convert: Any, prefix: str) -> Params:
                 bias[i * d_model : (i + 1) * d_model], prefix + "in_proj_bias", False
             )
     params["out"] = out
+    for name, b in bias_kv.items():
+        if b is not None:
+            params[name] = convert(b.reshape(-1), prefix + name, False)
     return params
 
 
@@ -197,7 +199,6 @@ def _state_and_kind(source: Any, kind: str | None) -> tuple[Mapping[str, Any], s
                 "nn.TransformerEncoderLayer, nn.TransformerDecoderLayer or a state dict, got "
                 f"{cls}"
             )
-        _check_module(source)
         state = source.state_dict()
         inferred = _MODULE_KINDS[cls]
     if kind is None:
@@ -205,19 +206,6 @@ def _state_and_kind(source: Any, kind: str | None) -> tuple[Mapping[str, Any], s
     elif kind not in KINDS:
         raise ValueError(f"refattn.params_from_torch: kind must be one of {KINDS}, got {kind!r}")
     return state, kind
-
-
-def _check_module(module: Any) -> None:
-    attns = [("", module)] if type(module).__name__ == "MultiheadAttention" else []
-    for prefix in _ATTN_PREFIXES:
-        if hasattr(module, prefix):
-            attns.append((prefix + ".", getattr(module, prefix)))
-    for prefix, attn in attns:
-        if getattr(attn, "add_zero_attn", False):
-            raise ValueError(
-                f"refattn.params_from_torch: {prefix or 'the module'} has add_zero_attn=True, "
-                "which has no refattn counterpart"
-            )
 
 
 def _kind_from_names(names: Any) -> str:
@@ -232,13 +220,18 @@ def _kind_from_names(names: Any) -> str:
 def options_from_torch(module: Any) -> dict[str, Any]:
     """The keyword options that make a refattn call match a torch module.
 
-    ``n_heads`` for ``nn.MultiheadAttention``; also ``norm_first``, ``activation`` and
-    ``layer_norm_eps`` for the transformer layers. ValueError for an activation refattn does
-    not have.
+    ``n_heads`` and ``batch_first`` for every module (torch's default ``batch_first=False``
+    is sequence-first ``(n, batch, d)``; refattn takes either); ``add_zero_attn`` for
+    ``nn.MultiheadAttention``; ``norm_first``, ``activation`` and ``layer_norm_eps`` for the
+    transformer layers. ValueError for an activation refattn does not have.
     """
     cls = type(module).__name__
     if cls == "MultiheadAttention":
-        return {"n_heads": int(module.num_heads)}
+        return {
+            "n_heads": int(module.num_heads),
+            "add_zero_attn": bool(module.add_zero_attn),
+            "batch_first": bool(module.batch_first),
+        }
     if cls not in _MODULE_KINDS:
         raise TypeError(f"refattn.options_from_torch: unsupported module {cls}")
     return {
@@ -246,6 +239,7 @@ def options_from_torch(module: Any) -> dict[str, Any]:
         "norm_first": bool(module.norm_first),
         "activation": _activation_name(module.activation),
         "layer_norm_eps": float(module.norm1.eps),
+        "batch_first": bool(module.self_attn.batch_first),
     }
 
 
@@ -384,3 +378,6 @@ def _mha_to_state(params: Params, prefix: str, out: dict[str, Any]) -> None:
     out[prefix + "out_proj.weight"] = _tensor(o["weight"], transpose=True)
     if all(has_bias):
         out[prefix + "out_proj.bias"] = _tensor(o["bias"])
+    for name in ("bias_k", "bias_v"):
+        if name in params:
+            out[prefix + name] = _tensor(params[name]).reshape(1, 1, -1)

@@ -22,17 +22,25 @@ query      (d_model, d_model)        columns ``h*hd:(h+1)*hd`` are head ``h``
 key        (d_k, H_kv * head_dim)    ``d_k`` = key's feature size
 value      (d_v, H_kv * head_dim)    ``d_v`` = value's feature size
 out        (d_model, d_model)        rows ``h*hd:(h+1)*hd`` read head ``h``
+bias_k     (H_kv * head_dim,)        optional: torch's ``add_bias_kv``
+bias_v     (H_kv * head_dim,)        (one more key/value row)
 =========  ========================  ===========================
+
+``bias_k``/``bias_v`` (torch's ``add_bias_kv=True``) append one projected key and value row,
+``[K; b_k]``, ``[V; b_v]``, after the projections; ``add_zero_attn=True`` then appends a zero
+row to both, as torch does (after splitting the heads). The appended keys are visible to every
+query: masks and biases get a True/0 column for each, as torch pads its masks.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from .._backend import default_namespace, namespace
+from .._backend import default_namespace, describe, device_of, namespace
 from .._op import Op
 from ..ops.sdpa import scaled_dot_product_attention as _sdpa
 from ..ops.sdpa.problem import check_lengths, check_score_options
@@ -40,6 +48,7 @@ from .basic import (
     affine_backward,
     affine_forward,
     array_leaves,
+    batch_first_view,
     check_affine,
     check_input,
     check_size,
@@ -47,6 +56,7 @@ from .basic import (
     join_path,
     linear_params,
     resolve_dtype,
+    swap_batch_and_sequence,
     uniform,
 )
 
@@ -92,10 +102,12 @@ def check_mha_params(
     n_heads: int,
     n_kv_heads: int | None,
     dtype: Any,
+    bias_kv: bool = False,
 ) -> tuple[int, int, int]:
     """Validate an MHA parameter tree; return ``(n_heads, n_kv_heads, head_dim)``.
 
     ``prefix`` is the tree's key path for messages (``"self_attn"``, or ``""`` at the root).
+    ``bias_kv``: the tree may hold ``bias_k`` and ``bias_v`` (both or neither).
     """
     n_heads, n_kv_heads, head_dim = check_heads(op, d_model, n_heads, n_kv_heads)
     kv_width = n_kv_heads * head_dim
@@ -107,12 +119,27 @@ def check_mha_params(
     ):
         sub = get_subtree(op, params, key, prefix)
         check_affine(op, xp, sub, join_path(prefix, key), d_in=d_in, d_out=d_out, dtype=dtype)
-    extra = sorted(set(params) - {"query", "key", "value", "out"})
+    allowed = {"query", "key", "value", "out"} | ({"bias_k", "bias_v"} if bias_kv else set())
+    extra = sorted(set(params) - allowed)
     if extra:
+        names = "'query', 'key', 'value', 'out'" + (" and 'bias_k', 'bias_v'" if bias_kv else "")
         raise ValueError(
             f"refattn.{op}: unexpected parameter(s) {[join_path(prefix, k) for k in extra]} "
-            "(multi-head attention has 'query', 'key', 'value' and 'out')"
+            f"(multi-head attention here has {names})"
         )
+    present = [k for k in ("bias_k", "bias_v") if k in params]
+    if len(present) == 1:
+        raise ValueError(
+            f"refattn.{op}: {join_path(prefix, present[0])} needs its partner (torch's "
+            "add_bias_kv appends both a key and a value row)"
+        )
+    for key in present:
+        b = params[key]
+        if tuple(getattr(b, "shape", ())) != (kv_width,) or b.dtype != dtype:
+            raise ValueError(
+                f"refattn.{op}: {join_path(prefix, key)} must be a ({kv_width},) array of "
+                f"dtype {dtype} (H_kv * head_dim), got {describe(b)}"
+            )
     return n_heads, n_kv_heads, head_dim
 
 
@@ -158,6 +185,7 @@ class MHASaved:
     lead: tuple[int, ...]
     n_heads: int
     head_dim: int
+    n_extra: int = 0  # keys appended after the projections (bias_k row, zero row)
 
 
 def split_heads(xp: ModuleType, x: Array, n_heads: int, head_dim: int) -> Array:
@@ -198,6 +226,7 @@ def mha_forward(
     head_dim: int,
     need_weights: bool = False,
     projected_kv: tuple[Array, Array] | None = None,
+    add_zero_attn: bool = False,
     **sdpa_options: Any,
 ) -> tuple[Array, Array | None, MHASaved]:
     """``(y, weights or None, saved)``, no parameter validation.
@@ -207,7 +236,8 @@ def mha_forward(
     ``key`` and ``value``; the result is then not differentiable through them.
     ``sdpa_options`` go to :func:`refattn.scaled_dot_product_attention` as they are (masks,
     bias, causal, softcap, dropout: whatever the attention core takes), so a new SDPA option
-    needs no change here.
+    needs no change here. With ``bias_k``/``bias_v`` in ``params`` or ``add_zero_attn``, the
+    keys are extended (module docstring) and ``mask``, ``bias``, ``dropout_mask`` padded.
     """
     lead = tuple(query.shape[:-2])
     qh = split_heads(xp, affine_forward(xp, params["query"], query), n_heads, head_dim)
@@ -215,6 +245,11 @@ def mha_forward(
         kh, vh = project_kv(xp, params, key, value, n_kv_heads, head_dim)
     else:
         kh, vh = projected_kv
+    extra_rows = _extra_kv_rows(xp, params, kh, add_zero_attn)
+    if extra_rows:
+        kh = xp.concat([kh, *(rk for rk, _ in extra_rows)], axis=-2)
+        vh = xp.concat([vh, *(rv for _, rv in extra_rows)], axis=-2)
+        sdpa_options = _pad_score_options(xp, sdpa_options, int(key.shape[-2]), len(extra_rows))
     options = {**sdpa_options, "return_weights": need_weights}
     result, sdpa_saved = _sdpa.forward(qh, kh, vh, **options)
     o, weights = result if need_weights else (result, None)
@@ -232,8 +267,47 @@ def mha_forward(
         lead=lead,
         n_heads=n_heads,
         head_dim=head_dim,
+        n_extra=len(extra_rows),
     )
     return y, weights, saved
+
+
+def _extra_kv_rows(
+    xp: ModuleType, params: Params, kh: Array, add_zero_attn: bool
+) -> list[tuple[Array, Array]]:
+    """The key/value rows appended after the projections, ``(*lead, H_kv, 1, hd)`` each:
+    torch's ``bias_k``/``bias_v`` row, then ``add_zero_attn``'s zero row."""
+    *lead, h_kv, _, hd = (int(n) for n in kh.shape)
+    shape = (*lead, h_kv, 1, hd)
+    rows = []
+    if "bias_k" in params:
+        rows.append(
+            tuple(
+                xp.broadcast_to(xp.reshape(params[name], (h_kv, 1, hd)), shape)
+                for name in ("bias_k", "bias_v")
+            )
+        )
+    if add_zero_attn:
+        zero = xp.zeros(shape, dtype=kh.dtype, device=device_of(kh))
+        rows.append((zero, zero))
+    return rows
+
+
+def _pad_score_options(
+    xp: ModuleType, options: dict[str, Any], n_k: int, n_extra: int
+) -> dict[str, Any]:
+    """``mask``, ``bias`` and ``dropout_mask`` over ``n_k + n_extra`` keys: the appended keys
+    are visible (True), unbiased (0) and kept (1), as torch pads ``attn_mask`` and
+    ``key_padding_mask``."""
+    padded = dict(options)
+    for name, fill in (("mask", True), ("bias", 0.0), ("dropout_mask", True)):
+        x = options.get(name)
+        if x is None:
+            continue
+        x = xp.broadcast_to(x, (*x.shape[:-1], n_k))
+        pad = xp.full((*x.shape[:-1], n_extra), fill, dtype=x.dtype, device=device_of(x))
+        padded[name] = xp.concat([x, pad], axis=-1)
+    return padded
 
 
 def mha_backward(
@@ -262,10 +336,20 @@ def mha_backward(
     del d_om, d_o  # (the cotangent keeps them while needed)
     d_qkv = list(_sdpa.apply_backward(saved.sdpa_saved, cotangent, **saved.sdpa_options))
     del cotangent
+    grads = {}
+    if saved.n_extra:  # the appended rows: bias_k/bias_v get theirs, the zero row none
+        n_k = int(d_qkv[1].shape[-2]) - saved.n_extra
+        if "bias_k" in params:
+            batch_axes = tuple(range(len(saved.lead)))
+            for i, name in ((1, "bias_k"), (2, "bias_v")):
+                row = d_qkv[i][..., n_k, :]  # (*lead, H_kv, hd)
+                total = xp.sum(row, axis=batch_axes) if batch_axes else row
+                grads[name] = xp.reshape(total, tuple(params[name].shape))
+        d_qkv[1], d_qkv[2] = d_qkv[1][..., :n_k, :], d_qkv[2][..., :n_k, :]
     # projections Q = x_q W_q + b_q etc.: merge the heads' gradients back into columns. Each
     # head gradient is dropped as soon as it is used, so that the next input gradient reuses its
     # memory (fewer fresh pages: on the 2-core VM each page fault costs microseconds).
-    grads, d_inputs = {}, []
+    d_inputs = []
     for i, name in enumerate(("query", "key", "value")):
         d_heads = merge_heads(xp, d_qkv[i], saved.lead)
         d_qkv[i] = None
@@ -273,7 +357,7 @@ def mha_backward(
         del d_heads
         d_inputs.append(d_x)
     grads["out"] = g_out
-    return grads, *d_inputs
+    return {k: grads[k] for k in params}, *d_inputs
 
 
 # ----------------------------------------------------------------------------- the op
@@ -298,6 +382,8 @@ def _mha_fwd(
     softcap: float | None = None,
     dropout_mask: Array | None = None,
     dropout_p: float = 0.0,
+    add_zero_attn: bool = False,
+    batch_first: bool = True,
     return_weights: bool = False,
 ) -> tuple[Any, Any]:
     r"""Multi-head attention with affine projections (torch's ``nn.MultiheadAttention``).
@@ -312,7 +398,9 @@ def _mha_fwd(
     Parameters
     ----------
     params : {"query", "key", "value", "out"}, each ``{"weight": (d_in, d_out), "bias"}``
-        Shapes in the module docstring; ``bias`` entries are optional.
+        Shapes in the module docstring; ``bias`` entries are optional. Optional ``"bias_k"``
+        and ``"bias_v"``, ``(H_kv * head_dim,)`` each: torch's ``add_bias_kv=True``, one more
+        key and value row appended after the projections (learnable: they get gradients).
     query : (..., n_q, d_model)
     key : (..., n_k, d_k)
     value : (..., n_k, d_v)
@@ -344,15 +432,27 @@ def _mha_fwd(
     dropout_mask : bool or float, broadcastable to (..., n_heads, n_q, n_k), optional
         Dropout on the attention weights, True/1 = keep, scaled by ``1/(1-dropout_p)``.
     dropout_p : float in [0, 1)
+    add_zero_attn : bool
+        torch's ``add_zero_attn``: a zero key and value row appended (after ``bias_k``/``bias_v``).
+        The appended keys are visible to every query: ``mask``, ``bias`` and ``dropout_mask``
+        cover the ``n_k`` real keys and are padded with True, 0 and keep for the appended ones
+        (as torch pads its masks); ``is_causal``, ``window`` and the lengths are refused with
+        them (give the causal mask as ``mask``).
+    batch_first : bool
+        True (default): ``(..., batch, n, d)`` inputs and output. False: torch's default
+        sequence-first ``(n, batch, d)`` (at least 3 axes); masks, bias and weights keep
+        their ``(batch, n_heads, n_q, n_k)`` layout either way.
     return_weights : bool
         Also return the per-head weights ``(..., n_heads, n_q, n_k)`` (before dropout; torch's
-        ``average_attn_weights=False``).
+        ``average_attn_weights=False``); with appended keys, ``n_k + 1`` or ``n_k + 2`` columns,
+        the appended ones last, as torch returns them.
 
     Returns
     -------
     y : (..., n_q, d_model), or ``(y, weights)``.
     """
     xp = namespace(query, key, value, mask, bias, dropout_mask, *array_leaves(params))
+    query, key, value = batch_first_view(_OP, xp, batch_first, query=query, key=key, value=value)
     check_mha_inputs(_OP, xp, query, key, value, ("query", "key", "value"))
     d_model = int(query.shape[-1])
     n_heads, n_kv_heads, head_dim = check_mha_params(
@@ -366,6 +466,10 @@ def _mha_fwd(
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         dtype=query.dtype,
+        bias_kv=True,
+    )
+    _check_appended_keys(
+        "bias_k" in params, add_zero_attn, is_causal, window, query_lengths, key_lengths
     )
     scores_shape = (*query.shape[:-2], n_heads, int(query.shape[-2]), int(key.shape[-2]))
     score_options = {
@@ -393,13 +497,48 @@ def _mha_fwd(
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
         need_weights=return_weights,
+        add_zero_attn=add_zero_attn,
         **score_options,
     )
+    y = y if batch_first else swap_batch_and_sequence(xp, y)
     return ((y, weights) if return_weights else y), saved
 
 
+def _check_appended_keys(
+    bias_kv: bool,
+    add_zero_attn: Any,
+    is_causal: Any,
+    window: Any,
+    query_lengths: Any,
+    key_lengths: Any,
+) -> None:
+    """``add_zero_attn`` is a bool; appended keys (``bias_k``/``bias_v``, the zero row) are
+    seen by every query, which no structured mask says: those are refused with them."""
+    if not isinstance(add_zero_attn, bool):
+        raise TypeError(f"refattn.{_OP}: add_zero_attn must be a bool, got {add_zero_attn!r}")
+    if not (bias_kv or add_zero_attn):
+        return
+    given = [
+        name
+        for name, value in (
+            ("is_causal", is_causal),
+            ("window", window),
+            ("query_lengths", query_lengths),
+            ("key_lengths", key_lengths),
+        )
+        if value not in (None, False)
+    ]
+    if given:
+        what = "bias_k/bias_v" if bias_kv else "add_zero_attn"
+        raise ValueError(
+            f"refattn.{_OP}: {', '.join(given)} cannot be combined with {what}: the appended "
+            "keys are visible to every query (torch pads its masks so); give the causal or "
+            "padding mask over the n_k real keys as mask= instead"
+        )
+
+
 def _mha_bwd(
-    saved: MHASaved, cotangent: Any, /, *, return_weights: bool = False
+    saved: MHASaved, cotangent: Any, /, *, return_weights: bool = False, batch_first: bool = True
 ) -> tuple[Params, Array, Array, Array]:
     r"""VJP of multi-head attention: the forward's pieces in reverse.
 
@@ -426,7 +565,11 @@ def _mha_bwd(
         dy, d_weights = cotangent
     else:
         dy, d_weights = cotangent, None
-    return mha_backward(saved, dy, d_weights)
+    if batch_first:
+        return mha_backward(saved, dy, d_weights)
+    swap = functools.partial(swap_batch_and_sequence, saved.xp)
+    grads, *d_inputs = mha_backward(saved, None if dy is None else swap(dy), d_weights)
+    return grads, *(swap(d) for d in d_inputs)
 
 
 multi_head_attention = Op(_mha_fwd, _mha_bwd, name="multi_head_attention", register=True)

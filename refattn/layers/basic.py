@@ -150,6 +150,25 @@ def check_norm(op: str, xp: ModuleType, params: Any, prefix: str, *, d: int, dty
         _check_leaf(op, xp, params["bias"], join_path(prefix, "bias"), (d,), dtype)
 
 
+def batch_first_view(op: str, xp: ModuleType, batch_first: Any, **inputs: Any) -> list[Any]:
+    """The ``inputs`` as ``(..., batch, n, d)``: as they are when ``batch_first`` (refattn's
+    layout), else the sequence-first ``(n, batch, d)`` of torch's ``batch_first=False``
+    swapped to it (views). Each input is checked first."""
+    if not isinstance(batch_first, bool):
+        raise TypeError(f"refattn.{op}: batch_first must be a bool, got {batch_first!r}")
+    for name, x in inputs.items():
+        check_input(op, xp, name, x, min_ndim=2 if batch_first else 3)
+    if batch_first:
+        return list(inputs.values())
+    return [swap_batch_and_sequence(xp, x) for x in inputs.values()]
+
+
+def swap_batch_and_sequence(xp: ModuleType, x: Any) -> Any:
+    """``(..., n, batch, d) <-> (..., batch, n, d)`` (axes -3 and -2), a view."""
+    nd = x.ndim
+    return xp.permute_dims(x, (*range(nd - 3), nd - 2, nd - 3, nd - 1))
+
+
 def check_input(op: str, xp: ModuleType, name: str, x: Any, *, min_ndim: int = 1) -> None:
     """TypeError/ValueError unless ``x`` is a floating array with at least ``min_ndim`` axes."""
     if not hasattr(x, "shape"):

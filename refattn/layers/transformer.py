@@ -22,6 +22,7 @@ input gradient is the sum of its query, key and value gradients.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -39,10 +40,10 @@ from .attention import (
 )
 from .basic import (
     array_leaves,
+    batch_first_view,
     check_activation,
     check_eps,
     check_feed_forward,
-    check_input,
     check_multiplier,
     check_norm,
     check_size,
@@ -53,6 +54,7 @@ from .basic import (
     layer_norm_forward,
     linear_params,
     resolve_dtype,
+    swap_batch_and_sequence,
 )
 
 __all__ = [
@@ -303,8 +305,9 @@ def _encoder_fwd(
     activation: str = "relu",
     layer_norm_eps: float = 1e-5,
     dropout_masks: dict[str, Array] | None = None,
+    batch_first: bool = True,
 ) -> tuple[Array, Any]:
-    r"""One transformer encoder layer (``nn.TransformerEncoderLayer``, ``batch_first=True``).
+    r"""One transformer encoder layer (``nn.TransformerEncoderLayer``).
 
     Post-LN: ``y1 = LN1(x + SA(x))``, ``y = LN2(y1 + FF(y1))``; pre-LN (``norm_first=True``):
     ``h1 = x + SA(LN1(x))``, ``y = h1 + FF(LN2(h1))``, with dropout multipliers where torch has
@@ -339,6 +342,10 @@ def _encoder_fwd(
         attention block's output ``(..., n, d_model)``, ``"dropout"`` on the feed-forward
         hidden activations ``(..., n, d_ff)``, ``"dropout2"`` on the feed-forward output
         ``(..., n, d_model)``. Absent keys mean no dropout there.
+    batch_first : bool
+        True (default): ``x`` is ``(..., batch, n, d_model)``. False: torch's default
+        sequence-first ``(n, batch, d_model)``, and so are ``y`` and the dropout masks shaped
+        like ``x``; attention masks keep their ``(batch, heads, n, n)`` layout.
 
     Returns
     -------
@@ -346,7 +353,8 @@ def _encoder_fwd(
     """
     op = "transformer_encoder_layer"
     xp = namespace(x, mask, bias, *array_leaves(params), *array_leaves(dropout_masks or {}))
-    check_input(op, xp, "x", x, min_ndim=2)
+    (x,) = batch_first_view(op, xp, batch_first, x=x)
+    dropout_masks = _batch_first_masks(xp, dropout_masks, batch_first)
     check_param_keys(op, params, ("self_attn", "norm1", "norm2", "linear1", "linear2"))
     d_model, n = int(x.shape[-1]), int(x.shape[-2])
     dtype = x.dtype
@@ -394,7 +402,22 @@ def _encoder_fwd(
         eps=eps,
         drops=drops,
     )
-    return y, saved
+    return (y if batch_first else swap_batch_and_sequence(xp, y)), saved
+
+
+def _batch_first_masks(
+    xp: ModuleType, dropout_masks: dict[str, Array] | None, batch_first: bool
+) -> dict[str, Array] | None:
+    """Sequence-first dropout masks of the block outputs and hidden activations, swapped to
+    batch-first like ``x`` (the attention-weight masks have no sequence-first form)."""
+    if batch_first or not dropout_masks:
+        return dropout_masks
+    return {
+        key: m
+        if key in ("self_attn", "cross_attn") or getattr(m, "ndim", 0) < 3
+        else swap_batch_and_sequence(xp, m)
+        for key, m in dropout_masks.items()
+    }
 
 
 def encoder_forward(
@@ -448,7 +471,7 @@ def encoder_backward(
     return {k: grads[k] for k in params}, dx
 
 
-def _encoder_bwd(saved: Any, dy: Array, /) -> tuple[Params, Array]:
+def _encoder_bwd(saved: Any, dy: Array, /, *, batch_first: bool = True) -> tuple[Params, Array]:
     r"""VJP of the encoder layer: the forward read bottom-up.
 
     Post-LN, with ``h1 = x + D1 SA(x)``, ``y1 = LN1(h1)``, ``h2 = y1 + D2 FF(y1)``,
@@ -470,9 +493,14 @@ def _encoder_bwd(saved: Any, dy: Array, /) -> tuple[Params, Array]:
 
     ``f^*`` is the VJP of ``f`` (its parameter gradients are collected on the way), see
     :func:`refattn.layer_norm`, :func:`refattn.feed_forward` and
-    :func:`refattn.multi_head_attention` for each piece.
+    :func:`refattn.multi_head_attention` for each piece. Sequence-first calls
+    (``batch_first=False``) swap ``dy`` and ``dx`` around it.
     """
-    return encoder_backward(saved, dy)
+    if batch_first:
+        return encoder_backward(saved, dy)
+    swap = functools.partial(swap_batch_and_sequence, saved.xp)
+    grads, dx = encoder_backward(saved, swap(dy))
+    return grads, swap(dx)
 
 
 transformer_encoder_layer = Op(
@@ -500,8 +528,9 @@ def _decoder_fwd(
     activation: str = "relu",
     layer_norm_eps: float = 1e-5,
     dropout_masks: dict[str, Array] | None = None,
+    batch_first: bool = True,
 ) -> tuple[Array, Any]:
-    r"""One transformer decoder layer (``nn.TransformerDecoderLayer``, ``batch_first=True``).
+    r"""One transformer decoder layer (``nn.TransformerDecoderLayer``).
 
     Post-LN: ``y1 = LN1(x + SA(x))``, ``y2 = LN2(y1 + CA(y1, memory))``,
     ``y = LN3(y2 + FF(y2))``; pre-LN: ``h1 = x + SA(LN1 x)``, ``h2 = h1 + CA(LN2 h1, memory)``,
@@ -534,6 +563,9 @@ def _decoder_fwd(
         Multipliers (0 or ``1/(1-p)``) keyed ``"self_attn"`` and ``"cross_attn"`` (attention
         weights), ``"dropout1"``, ``"dropout2"``, ``"dropout3"`` (block outputs, shaped like
         ``x``) and ``"dropout"`` (feed-forward hidden, ``(..., n_t, d_ff)``).
+    batch_first : bool
+        As for :func:`refattn.transformer_encoder_layer`; False makes ``x``, ``memory``, ``y``
+        and the block-output dropout masks sequence-first.
 
     Returns
     -------
@@ -551,6 +583,8 @@ def _decoder_fwd(
         *array_leaves(params),
         *array_leaves(dropout_masks or {}),
     )
+    x, memory = batch_first_view(op, xp, batch_first, x=x, memory=memory)
+    dropout_masks = _batch_first_masks(xp, dropout_masks, batch_first)
     check_mha_inputs(op, xp, x, memory, memory, ("x", "memory", "memory"))
     check_param_keys(
         op, params, ("self_attn", "cross_attn", "norm1", "norm2", "norm3", "linear1", "linear2")
@@ -608,7 +642,7 @@ def _decoder_fwd(
         },
         dtype,
     )
-    return decoder_forward(
+    y, saved = decoder_forward(
         xp,
         params,
         x,
@@ -625,6 +659,7 @@ def _decoder_fwd(
         eps=eps,
         drops=drops,
     )
+    return (y if batch_first else swap_batch_and_sequence(xp, y)), saved
 
 
 def _cross_attention_fwd(
@@ -716,7 +751,9 @@ def decoder_backward(saved: LayerSaved, dy: Array) -> tuple[Params, Array, Array
     return {k: grads[k] for k in params}, dx, d_memory[0]
 
 
-def _decoder_bwd(saved: Any, dy: Array, /) -> tuple[Params, Array, Array]:
+def _decoder_bwd(
+    saved: Any, dy: Array, /, *, batch_first: bool = True
+) -> tuple[Params, Array, Array]:
     r"""VJP of the decoder layer: the forward read bottom-up.
 
     Post-LN (``h1 = x + D1 SA(x)``, ``y1 = LN1 h1``, ``h2 = y1 + D2 CA(y1, m)``,
@@ -734,7 +771,11 @@ def _decoder_bwd(saved: Any, dy: Array, /) -> tuple[Params, Array, Array]:
     contributing ``dh_{i-1} = dh_i + LN_i^*(f_i^*(D_i dh_i))``. The memory is both key and
     value of the cross-attention, so its gradient is the sum of those two.
     """
-    return decoder_backward(saved, dy)
+    if batch_first:
+        return decoder_backward(saved, dy)
+    swap = functools.partial(swap_batch_and_sequence, saved.xp)
+    grads, dx, d_memory = decoder_backward(saved, swap(dy))
+    return grads, swap(dx), swap(d_memory)
 
 
 transformer_decoder_layer = Op(

@@ -21,7 +21,7 @@ from ..._runtime import n_threads, parallel_map
 from ..entmax import normalize_backward, normalize_forward
 from ..softmax import slice_max
 from .problem import Problem
-from .scores import BiasGradient, masked_scores_and_slope, tile
+from .scores import BiasGradient, ScoreChain, masked_scores_and_slope, tile
 
 __all__ = [
     "Block",
@@ -70,15 +70,15 @@ class Block:
     ``e = exp(S - shift)`` (0 where masked) is kept unnormalised with ``inv_l = 1 / rowsum(e)``
     (0 for a fully masked row), so that ``P = e * inv_l``. Normalising lazily saves one pass over
     the scores in the forward, and costs nothing in the backward: ``1/l`` is folded into the
-    ``(rows, d)`` operands of the GEMMs instead. With a softcap, ``slope`` is its derivative at
-    each score, ``1 - tanh^2(s / softcap)`` (else None).
+    ``(rows, d)`` operands of the GEMMs instead. With a softcap or a score modifier, ``chain``
+    takes ``dS`` back through them (:class:`~refattn.ops.sdpa.scores.ScoreChain`; else None).
     """
 
     r0: int
     r1: int
     e: Array  # (B, Hkv, g, r, n_k)
     inv_l: Array  # (B, Hkv, g, r, 1)
-    slope: Array | None = None  # (B, Hkv, g, r, n_k)
+    chain: ScoreChain | None = None
     sparse: Any = None  # the normaliser's residuals (sparsemax, entmax), else None
 
     def weights(self) -> Array:
@@ -100,9 +100,10 @@ def _forward_block(pb: Problem, r0: int, r1: int) -> tuple[Array, Block, Array]:
     q = pb.q[:, :, :, r0:r1, :]
     b, h, g, r, _ = q.shape
     s = _merge_group(xp, q * pb.scale) @ xp.matrix_transpose(pb.k)
-    s, slope = masked_scores_and_slope(pb, xp.reshape(s, (b, h, g, r, pb.n_k)), None, r0, r1)
+    s, chain = masked_scores_and_slope(pb, xp.reshape(s, (b, h, g, r, pb.n_k)), None, r0, r1)
+    chain = None if chain.identity else chain
     if pb.normalizer != "softmax":
-        return _sparse_forward_block(pb, s, slope, r0, r1)
+        return _sparse_forward_block(pb, s, chain, r0, r1)
     shift = slice_max(xp, s, axis=-1)
     shift = xp.where(xp.isfinite(shift), shift, xp.zeros_like(shift))
     s -= shift
@@ -115,11 +116,11 @@ def _forward_block(pb: Problem, r0: int, r1: int) -> tuple[Array, Block, Array]:
     drop = tile(pb.drop, None, r0, r1, 0, pb.n_k)
     e_drop = e if drop is None else e * drop
     o = xp.reshape(_merge_group(xp, e_drop) @ pb.v, (b, h, g, r, pb.v.shape[-1])) * inv_l
-    return o, Block(r0, r1, e, inv_l, slope), lse
+    return o, Block(r0, r1, e, inv_l, chain), lse
 
 
 def _sparse_forward_block(
-    pb: Problem, s: Array, slope: Array | None, r0: int, r1: int
+    pb: Problem, s: Array, chain: ScoreChain | None, r0: int, r1: int
 ) -> tuple[Array, Block, Array]:
     """A row block with sparsemax or entmax weights (``e = P``, ``1/l = 1``, no LSE: NaN)."""
     xp = pb.xp
@@ -130,7 +131,7 @@ def _sparse_forward_block(
     o = xp.reshape(_merge_group(xp, p_drop) @ pb.v, (b, h, g, r, pb.v.shape[-1]))
     ones = xp.ones((b, h, g, r, 1), dtype=p.dtype, device=device_of(p))
     lse = xp.full((b, h, g, r), math.nan, dtype=p.dtype, device=device_of(p))
-    return o, Block(r0, r1, p, ones, slope, sparse), lse
+    return o, Block(r0, r1, p, ones, chain, sparse), lse
 
 
 def forward_blocks(pb: Problem) -> tuple[Array, list[Block], Array]:
@@ -169,7 +170,8 @@ def _backward_block(
     With ``t = e o (dP - c)``, where ``c`` collects the per-row terms (Delta, the weights
     cotangent's row sums, minus the LSE cotangent), ``dS = t / l`` and
     ``dQ = scale (t K) / l``, ``dK = scale t^T (Q / l)``: the division by ``l`` happens on
-    ``(rows, d)`` operands, never on the scores. A softcap multiplies ``t`` by its slope.
+    ``(rows, d)`` operands, never on the scores. A score modifier's VJP and a softcap's slope
+    are applied to ``t`` (the block's :class:`~refattn.ops.sdpa.scores.ScoreChain`).
     """
     xp = pb.xp
     r0, r1 = blk.r0, blk.r1
@@ -208,10 +210,12 @@ def _backward_block(
     else:
         t -= row_c
         t *= e
+    if blk.chain is not None:
+        t = blk.chain.to_bias(t)  # the VJP is linear: it commutes with the 1 / l
     if bias_grad is not None:
-        bias_grad.add(t * inv_l, None, r0, r1, 0, pb.n_k)  # dS = t / l
-    if blk.slope is not None:
-        t *= blk.slope
+        bias_grad.add(t * inv_l, None, r0, r1, 0, pb.n_k)  # dB = t / l
+    if blk.chain is not None:
+        t = blk.chain.to_scores(t)
     q_scaled = q * (inv_l * pb.scale)
     d_q = xp.reshape(_merge_group(xp, t) @ pb.k, q.shape) * (inv_l * pb.scale)
     d_k = xp.matrix_transpose(_merge_group(xp, t)) @ _merge_group(xp, q_scaled)

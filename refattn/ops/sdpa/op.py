@@ -43,6 +43,8 @@ def _sdpa_fwd(
     causal_alignment: str = "upper_left",
     window: int | tuple[int | None, int | None] | None = None,
     sink_tokens: int = 0,
+    score_mod: Op | None = None,
+    mask_mod: Any = None,
     query_lengths: Any = None,
     key_lengths: Any = None,
     scale: float | None = None,
@@ -110,6 +112,16 @@ def _sdpa_fwd(
         ``window`` (not through the causal mask, the padding or ``mask``). A sink token's own
         row keeps its window: unlike :func:`refattn.sliding_window_attention`'s
         ``global_tokens``, whose rows see every key. Without a window it changes nothing.
+    score_mod : refattn.Op, optional
+        FlexAttention's ``score_mod``: ``score_mod(s, b=, h=, i=, j=)`` maps the scores after
+        the cap and the bias (before the masks), elementwise, with index arrays broadcastable
+        to the scores (``b`` the flattened batch index, ``h`` the query head, ``i`` the query,
+        ``j`` the key). An :class:`refattn.Op`: its backward ``(residuals, dS, /, *, b, h, i,
+        j) -> (d_score,)`` is the modifier's derivative, which both kernels apply to ``dS``.
+    mask_mod : callable, optional
+        FlexAttention's ``mask_mod(b, h, i, j) -> bool`` (True = attend), with the same
+        indices; ANDed with the other masks. The tiled kernel evaluates it per tile and skips
+        the tiles it hides from every head of a chunk (FlexAttention's block mask).
     query_lengths, key_lengths : ints, one per batch element, optional
         A padded batch (JAX's ``query_seq_lengths``/``key_value_seq_lengths``): element ``b``
         has the queries ``i < query_lengths[b]`` and the keys ``j < key_lengths[b]`` (None: all
@@ -176,6 +188,8 @@ def _sdpa_fwd(
         causal_alignment=causal_alignment,
         window=window,
         sink_tokens=sink_tokens,
+        score_mod=score_mod,
+        mask_mod=mask_mod,
         query_lengths=query_lengths,
         key_lengths=key_lengths,
         scale=scale,

@@ -58,6 +58,8 @@ class Problem:
         (its band width picks the default tile size).
     bias : broadcastable to (B, Hkv, g, n_q, n_k), or None
     sinks : (1, Hkv|1, g|1, 1) learnable sink logits, or None; ``sinks_shape`` the user's
+    score_mod, mask_mod : FlexAttention-style modifiers (a :class:`refattn.Op` and a function of
+        the indices), or None; applied in :func:`~refattn.ops.sdpa.scores.masked_scores`
     drop : dropout multiplier ``mask / (1 - p)`` broadcastable like ``bias``, or None
     scale : Python float
     softcap : Python float > 0, or None (no cap)
@@ -93,6 +95,8 @@ class Problem:
     sinks: Array | None = None
     sinks_shape: tuple[int, ...] | None = None
     bias_shape: tuple[int, ...] | None = None
+    score_mod: Any = None
+    mask_mod: Any = None
 
     @property
     def n_q(self) -> int:
@@ -224,6 +228,8 @@ def prepare(
     causal_alignment: str = "upper_left",
     window: Any = None,
     sink_tokens: int = 0,
+    score_mod: Any = None,
+    mask_mod: Any = None,
     query_lengths: Any = None,
     key_lengths: Any = None,
     scale: float | None = None,
@@ -316,6 +322,7 @@ def prepare(
     blocks = check_block_size(block_size, op)
     alpha = _check_normalizer(op, normalizer, alpha, return_lse, implementation)
     _check_sinks(op, xp, sinks, h_q, dtype, normalizer)
+    _check_modifiers(op, score_mod, mask_mod)
     chosen = choose_implementation(
         implementation,
         n_scores=math.prod(q.shape[:-1]) * n_k,
@@ -339,6 +346,8 @@ def prepare(
         sinks=None if sinks is None else xp.reshape(sinks, (1, *_head_axes(sinks, h_kv, g), 1)),
         sinks_shape=None if sinks is None else tuple(sinks.shape),
         bias_shape=None if bias is None else tuple(bias.shape),
+        score_mod=score_mod,
+        mask_mod=mask_mod,
         scale=scale,
         softcap=softcap,
         normalizer=normalizer,
@@ -510,6 +519,25 @@ def _check_sinks(
     if normalizer != "softmax":
         raise ValueError(
             f"refattn.{op}: sinks are softmax logits; normalizer={normalizer!r} has none"
+        )
+
+
+def _check_modifiers(op: str, score_mod: Any, mask_mod: Any) -> None:
+    """``score_mod`` a :class:`refattn.Op` (its backward is the modifier's derivative, which
+    the kernels need), ``mask_mod`` a callable."""
+    from ..._op import Op
+
+    if score_mod is not None and not isinstance(score_mod, Op):
+        raise TypeError(
+            f"refattn.{op}: score_mod must be a refattn.Op (score, /, *, b, h, i, j) -> score "
+            "with its backward, refattn.Op(forward, backward); got "
+            f"{type(score_mod).__name__}: a function without a backward cannot be "
+            "differentiated (wrap a pure mask in mask_mod instead)"
+        )
+    if mask_mod is not None and not callable(mask_mod):
+        raise TypeError(
+            f"refattn.{op}: mask_mod must be a function (b, h, i, j) -> bool array, got "
+            f"{type(mask_mod).__name__}"
         )
 
 

@@ -32,17 +32,20 @@ import math
 import threading
 from typing import Any
 
-from ..._backend import device_of
+from ..._backend import describe, device_of
 from .plan import DEFAULT_BLOCK, Heads, Lengths, Pattern
 from .problem import Problem
 
 __all__ = [
     "BiasGradient",
+    "ScoreChain",
     "full_keep",
     "heads_of",
+    "index_grids",
     "lengths_keep",
     "masked_scores",
     "masked_scores_and_slope",
+    "mod_keep",
     "pattern_keep",
     "tile",
 ]
@@ -107,13 +110,68 @@ def masked_scores_and_slope(
     *,
     full: bool = False,
     unit: float = 1.0,
-) -> tuple[Array, Array | None]:
-    """:func:`masked_scores` and the softcap's derivative ``1 - tanh^2`` (None without a cap).
-
-    The backwards multiply ``dS`` by the slope to reach ``scale Q Kᵀ``, whose gradient gives
-    ``dQ`` and ``dK``; the bias's gradient is ``dS`` itself.
-    """
+) -> tuple[Array, ScoreChain]:
+    """:func:`masked_scores` and the :class:`ScoreChain` that takes ``dS`` back through the
+    score modifier and the softcap."""
     return _pipeline(pb, s, hc, r0, r1, c0, c1, full, unit, True)
+
+
+class ScoreChain:
+    r"""The derivative of one tile's pipeline, for the backwards: ``dS`` (of the softmax's
+    input) back to the bias and to ``scale Q Kᵀ``.
+
+    With ``S = mod(cap(x) + B)``: :meth:`to_bias` applies the score modifier's VJP
+    (``dB = mod^*(dS)``, the identity without one), then :meth:`to_scores` the cap's slope
+    ``1 - tanh^2(x / c)`` (``dx = dB \circ slope``), whose gradient gives ``dQ`` and ``dK``.
+    """
+
+    def __init__(self, slope: Array | None = None, mod_vjp: Any = None) -> None:
+        self.slope, self.mod_vjp = slope, mod_vjp
+
+    def to_bias(self, d_s: Array) -> Array:
+        return d_s if self.mod_vjp is None else self.mod_vjp(d_s)
+
+    def to_scores(self, d_b: Array) -> Array:
+        """``d_b`` times the cap's slope (in place, unless it came from a score modifier)."""
+        if self.slope is None:
+            return d_b
+        if self.mod_vjp is not None:
+            return d_b * self.slope
+        d_b *= self.slope
+        return d_b
+
+    @property
+    def identity(self) -> bool:
+        return self.slope is None and self.mod_vjp is None
+
+
+def index_grids(
+    pb: Problem, xp: Any, hc: Heads | None, r0: int, r1: int, c0: int, c1: int, device: Any
+) -> tuple[Array, Array, Array, Array]:
+    """FlexAttention's indices of a tile, broadcastable to ``(b, h_kv, g, r, c)``: the
+    flattened batch index ``b``, the query head ``h = h_kv g + (its place in the group)``, the
+    query ``i`` and the key ``j``."""
+    b_all, h_kv_all, g = (int(n) for n in pb.q.shape[:3])
+    b0, b1, h0, h1 = (0, b_all, 0, h_kv_all) if hc is None else (hc.b0, hc.b1, hc.h0, hc.h1)
+    b = xp.reshape(xp.arange(b0, b1, device=device), (-1, 1, 1, 1, 1))
+    h_kv = xp.reshape(xp.arange(h0, h1, device=device), (1, -1, 1, 1, 1))
+    h = h_kv * g + xp.reshape(xp.arange(g, device=device), (1, 1, -1, 1, 1))
+    i = xp.reshape(xp.arange(r0, r1, device=device), (1, 1, 1, -1, 1))
+    j = xp.reshape(xp.arange(c0, c1, device=device), (1, 1, 1, 1, -1))
+    return b, h, i, j
+
+
+def mod_keep(
+    pb: Problem, xp: Any, hc: Heads | None, r0: int, r1: int, c0: int, c1: int, device: Any
+) -> Array:
+    """``mask_mod(b, h, i, j)`` of one tile, checked: boolean, broadcastable to the tile."""
+    keep = pb.mask_mod(*index_grids(pb, xp, hc, r0, r1, c0, c1, device))
+    if getattr(keep, "dtype", None) != xp.bool:
+        raise TypeError(
+            f"refattn.scaled_dot_product_attention: mask_mod must return a boolean array "
+            f"(True = attend), got {describe(keep)}"
+        )
+    return keep
 
 
 def _pipeline(
@@ -127,10 +185,10 @@ def _pipeline(
     full: bool,
     unit: float,
     want_slope: bool,
-) -> tuple[Array, Array | None]:
+) -> tuple[Array, ScoreChain | None]:
     xp = pb.xp
     c1 = pb.n_k if c1 is None else c1
-    slope = None
+    slope = mod_vjp = None
     if pb.softcap is not None:
         cap = pb.softcap * unit
         t = xp.tanh(s / cap)
@@ -141,6 +199,8 @@ def _pipeline(
     bias = tile(pb.bias, hc, r0, r1, c0, c1)
     if bias is not None:
         s += bias if unit == 1.0 else bias * unit
+    if pb.score_mod is not None:
+        s, mod_vjp = _modified(pb, s, hc, r0, r1, c0, c1, unit)
     keep = tile(pb.keep, hc, r0, r1, c0, c1)
     pattern = pb.pattern
     if pb.lengths is not None and hc is None:  # all sequences at once (materialized)
@@ -152,9 +212,41 @@ def _pipeline(
     if not full and pattern is not None:
         structured = pattern_keep(pattern, xp, r0, r1, c0, c1, device_of(s))
         keep = structured if keep is None else xp.logical_and(keep, structured)
+    if not full and pb.mask_mod is not None:
+        modded = mod_keep(pb, xp, hc, r0, r1, c0, c1, device_of(s))
+        keep = modded if keep is None else xp.logical_and(keep, modded)
     if keep is not None:
         s = xp.where(keep, s, -math.inf)
-    return s, slope
+    return s, (ScoreChain(slope, mod_vjp) if want_slope else None)
+
+
+def _modified(
+    pb: Problem,
+    s: Array,
+    hc: Heads | None,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    unit: float,
+) -> tuple[Array, Any]:
+    """``unit * score_mod(s / unit, b, h, i, j)`` and its VJP (natural units both ways)."""
+    xp = pb.xp
+    shape = tuple(s.shape)
+    b, h, i, j = index_grids(pb, xp, hc, r0, r1, c0, c1, device_of(s))
+    natural = s if unit == 1.0 else s / unit
+    out, residuals = pb.score_mod.forward(natural, b=b, h=h, i=i, j=j)
+    if tuple(getattr(out, "shape", ())) != shape or out.dtype != s.dtype:
+        raise ValueError(
+            f"refattn.scaled_dot_product_attention: score_mod must return the scores' shape "
+            f"{shape} and dtype {s.dtype}, got {describe(out)}"
+        )
+
+    def vjp(d_s: Array) -> Array:
+        (d_in,) = pb.score_mod.apply_backward(residuals, d_s, b=b, h=h, i=i, j=j)
+        return d_in
+
+    return (out if unit == 1.0 else out * unit), vjp
 
 
 def pattern_keep(

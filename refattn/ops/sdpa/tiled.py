@@ -82,7 +82,15 @@ from ..._runtime import matmul_scratch, n_threads, parallel_map
 from . import plan as tile_plans
 from .plan import Heads, Plan, default_block, plan_tiles
 from .problem import Problem
-from .scores import BiasGradient, heads_of, masked_scores, masked_scores_and_slope, tile
+from .scores import (
+    BiasGradient,
+    ScoreChain,
+    heads_of,
+    masked_scores,
+    masked_scores_and_slope,
+    mod_keep,
+    tile,
+)
 
 __all__ = ["TiledResiduals", "forward", "make_plan", "tiled_backward", "tiled_forward"]
 
@@ -104,9 +112,47 @@ def make_plan(pb: Problem, block_size: tuple[int, int] | None = None) -> Plan:
     tile_bytes = tile_plans.TILE_BYTES
     # a padded batch: every sequence planned on its own rule
     per_batch = None if pb.lengths is None else pb.lengths.patterns
-    return plan_tiles(
+    plan = plan_tiles(
         b, h_kv, g, pb.n_q, pb.n_k, elem_bytes, pb.pattern, blocks, tile_bytes, per_batch
     )
+    return plan if pb.mask_mod is None else _mask_mod_plan(pb, plan, elem_bytes)
+
+
+def _mask_mod_plan(pb: Problem, plan: Plan, elem_bytes: int) -> Plan:
+    """``plan`` without the tiles that ``mask_mod`` hides from every head of a chunk, and with
+    the tiles it shows wholly marked full (FlexAttention's block mask, evaluated here on the
+    call's own plan: ``O(n_q n_k)`` cheap boolean work on the tiles the structured masks leave,
+    no ``n_q x n_k`` array). Each tile's mask is evaluated once for all heads; chunks read
+    their part of it."""
+    xp, device = pb.xp, device_of(pb.q)
+    g = int(pb.q.shape[2])
+    states: dict[tuple[int, int, int], Array] = {}
+    by_chunk, scores = [], 0
+    for hc in plan.heads:
+        per_row = []
+        for ri, (r0, r1) in enumerate(plan.rows):
+            kept = []
+            for c0, c1, full in plan.tiles(hc, ri):
+                if (ri, c0, c1) not in states:
+                    keep = mod_keep(pb, xp, None, r0, r1, c0, c1, device)
+                    states[ri, c0, c1] = _tile_states(xp, keep)
+                state = heads_of(states[ri, c0, c1], hc)
+                if not bool(xp.any(state > 0)):
+                    continue
+                kept.append((c0, c1, full and bool(xp.all(state == 2))))
+                scores += (hc.b1 - hc.b0) * (hc.h1 - hc.h0) * g * (r1 - r0) * (c1 - c0)
+            per_row.append(tuple(kept))
+        by_chunk.append(tuple(per_row))
+    return Plan(plan.heads, plan.rows, plan.visible, elem_bytes * scores, tuple(by_chunk))
+
+
+def _tile_states(xp: Any, keep: Array) -> Array:
+    """Per (batch, kv head) of a tile's keep-mask ``(B|1, Hkv|1, g|1, r|1, c|1)``: 0 all
+    hidden, 1 mixed, 2 all visible (shape ``(B|1, Hkv|1)``)."""
+    axes = tuple(range(2, keep.ndim))
+    some = xp.any(keep, axis=axes)
+    every = xp.all(keep, axis=axes)
+    return xp.astype(some, xp.int8) + xp.astype(every, xp.int8)
 
 
 # ----------------------------------------------------------------------------- slicing
@@ -193,7 +239,8 @@ def tiled_forward(
     n_lanes = n_threads() if _is_threaded(xp) and not plan.small else 1
     items = plan.work(n_lanes)
     online = items
-    if pb.bias is None and pb.drop is None and pb.softcap is None and not want_weights:
+    plain = pb.score_mod is None  # a mask_mod only hides scores: the row bounds still hold
+    if plain and pb.bias is None and pb.drop is None and pb.softcap is None and not want_weights:
         online = _bounded_forward(pb, plan, items, o, lse, serial=n_lanes == 1)
 
     def run(item: tuple[Heads | None, list[tuple[Heads, int]]]) -> None:
@@ -746,8 +793,9 @@ def _backward_unit(
     g = int(q.shape[2])
     lse_u = lse[rows][..., None]
     lse_safe = xp.where(xp.isfinite(lse_u), lse_u, xp.zeros_like(lse_u))
-    capped = pb.softcap is not None
-    # with a softcap the LSE cannot ride in the GEMM (the cap comes first): subtracted per tile
+    capped = pb.softcap is not None or pb.score_mod is not None
+    # with a softcap or a score modifier the LSE cannot ride in the GEMM (they come first):
+    # it is subtracted per tile
     q_shifted = _merge(
         xp, _append_column(xp, q * pb.scale, 0.0 * lse_safe if capped else -lse_safe)
     )
@@ -755,15 +803,15 @@ def _backward_unit(
     lse_2 = lse_safe * LOG2E
     k, k_aug = heads_of(pb.k, hc), keys.heads(keys.k, hc)
 
-    def weights(c0: int, c1: int, full: bool) -> tuple[Array, Array | None]:
-        """``P = exp(S - lse)`` of one tile and the softcap's slope there (None without)."""
+    def weights(c0: int, c1: int, full: bool) -> tuple[Array, ScoreChain | None]:
+        """``P = exp(S - lse)`` of one tile and its score chain (None without cap or mod)."""
         if not capped:
             s = _scores(pb, hc, q_shifted, k_aug, g, r0, r1, c0, c1, full)
             return exp2_inplace(xp, s), None
         s = _split(xp, q_shifted @ xp.matrix_transpose(k_aug[:, :, c0:c1, :]), g)
-        s, slope = masked_scores_and_slope(pb, s, hc, r0, r1, c0, c1, full=full, unit=LOG2E)
+        s, chain = masked_scores_and_slope(pb, s, hc, r0, r1, c0, c1, full=full, unit=LOG2E)
         s -= lse_2
-        return exp2_inplace(xp, s), slope
+        return exp2_inplace(xp, s), chain
 
     # the per-row constant c = Delta - dlse (+ rowsum(P o dW)), computed before the tile loop
     c = xp.zeros_like(lse_u)
@@ -782,7 +830,7 @@ def _backward_unit(
             d_o_shifted = _merge(xp, _append_column(xp, d_o[rows], -c))
     d_q = xp.zeros(tuple(q_scaled.shape), dtype=q.dtype, device=device_of(q))
     for c0, c1, full in tiles:
-        p, slope = weights(c0, c1, full)
+        p, chain = weights(c0, c1, full)
         drop = tile(pb.drop, hc, r0, r1, c0, c1)
         if d_o_m is not None:
             p_drop = p if drop is None else p * drop
@@ -800,10 +848,12 @@ def _backward_unit(
             d_p *= p  # d_p is this tile's own array: dS = P o (dP - c) in place
         else:
             d_p = p * (-c if d_w_u is None else d_w_u[..., c0:c1] - c)
+        if chain is not None:
+            d_p = chain.to_bias(d_p)
         if bias_grad is not None:
-            bias_grad.add(d_p, hc, r0, r1, c0, c1)  # dS, before the cap's slope
-        if slope is not None:
-            d_p *= slope
+            bias_grad.add(d_p, hc, r0, r1, c0, c1)  # dB, before the cap's slope
+        if chain is not None:
+            d_p = chain.to_scores(d_p)
         d_s = _merge(xp, d_p)
         d_q += d_s @ k[:, :, c0:c1, :]
         d_k[rows[0], rows[1], c0:c1, :] += xp.matrix_transpose(d_s) @ q_scaled

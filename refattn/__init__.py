@@ -152,6 +152,6 @@ __all__ += [
 ]
 
 # issue 17: packed variable-length sequences, ALiBi
-from .ops import alibi_bias, alibi_slopes, varlen_attention  # noqa: E402
+from .ops import alibi_bias, alibi_slopes, paged_attention, varlen_attention  # noqa: E402
 
-__all__ += ["alibi_bias", "alibi_slopes", "varlen_attention"]
+__all__ += ["alibi_bias", "alibi_slopes", "paged_attention", "varlen_attention"]

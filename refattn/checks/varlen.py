@@ -1,4 +1,4 @@
-"""Check cases for packed variable-length attention (issue 17).
+"""Check cases for packed variable-length attention and the paged KV cache (issue 17).
 
 The torch reference is written from FlashAttention's definition of its varlen kernels: each
 sequence on its own, softmax over its keys with the causal diagonal at ``n_k - n_q`` of that
@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from ..ops.paged import paged_attention
 from ..ops.varlen import varlen_attention
 from . import Case, register_case
 
@@ -56,3 +57,57 @@ _CASES = {
 }
 for _name, _make_fn in _CASES.items():
     register_case(Case(varlen_attention, _name, _make_fn, torch_ref=_torch_ref))
+
+
+def _make_paged(lengths, page, num_blocks, h_q, h_kv, n_q, table, **options):
+    def make(rng: np.random.Generator):
+        q = rng.standard_normal((len(lengths), h_q, n_q, 3))
+        k = rng.standard_normal((num_blocks, h_kv, page, 3))
+        v = rng.standard_normal((num_blocks, h_kv, page, 2))
+        return (q, k, v), {"block_table": table, "cache_seqlens": lengths, **options}
+
+    return make
+
+
+def _torch_paged(torch, primals, options):
+    """Each sequence's keys gathered from its pages by torch indexing (autograd scatters the
+    gradient back), then SDPA with the causal diagonal at ``L_b - n_q``."""
+    q, k_cache, v_cache = primals
+    table, lengths = options["block_table"], options["cache_seqlens"]
+    g = q.shape[1] // k_cache.shape[1]
+    outs = []
+    for b, n in enumerate(lengths):
+        used = list(table[b][: math.ceil(n / k_cache.shape[2])])
+        kb = torch.cat([k_cache[t] for t in used], dim=1)[:, :n] if used else k_cache[0, :, :0]
+        vb = torch.cat([v_cache[t] for t in used], dim=1)[:, :n] if used else v_cache[0, :, :0]
+        kb, vb = kb.repeat_interleave(g, 0), vb.repeat_interleave(g, 0)
+        s = q[b] @ kb.transpose(1, 2) / math.sqrt(q.shape[-1])
+        if options.get("is_causal"):
+            n_q = q.shape[2]
+            hidden = torch.arange(n)[None, :] > torch.arange(n_q)[:, None] + n - n_q
+            s = s.masked_fill(hidden, -math.inf)
+        outs.append(torch.nan_to_num(torch.softmax(s, dim=-1)) @ vb)
+    return torch.stack(outs)
+
+
+_PAGED_CASES = {
+    # sequences 0 and 1 share page 2 (a common prefix); entries past the last page are -1
+    "shared_prefix_page": _make_paged(
+        (7, 5, 0), 3, 6, 2, 2, 2, ((2, 0, 4), (2, 5, -1), (-1, -1, -1))
+    ),
+    "causal_gqa_decode": _make_paged((5, 8), 4, 4, 4, 2, 1, ((3, 1), (0, 2)), is_causal=True),
+    "causal_chunk_tiled": _make_paged(
+        (9, 6),
+        2,
+        10,
+        2,
+        1,
+        3,
+        ((9, 8, 7, 6, 5), (0, 1, 2, -1, -1)),
+        is_causal=True,
+        implementation="tiled",
+        block_size=2,
+    ),
+}
+for _name, _make_fn in _PAGED_CASES.items():
+    register_case(Case(paged_attention, _name, _make_fn, torch_ref=_torch_paged))

@@ -7,6 +7,7 @@ from .linear_attention import linear_attention
 from .linformer import linformer_attention
 from .lsh import lsh_attention, lsh_attention_mask, lsh_buckets
 from .masks import causal_mask, from_torch_mha_masks, padding_mask
+from .paged import paged_attention
 from .sdpa import scaled_dot_product_attention
 from .softmax import log_softmax, softmax
 from .sparse_patterns import (
@@ -40,6 +41,7 @@ __all__ = [
     "lsh_attention_mask",
     "lsh_buckets",
     "padding_mask",
+    "paged_attention",
     "scaled_dot_product_attention",
     "sliding_window_attention",
     "softmax",

@@ -47,6 +47,7 @@ from .positions import (
     rope_angles,
     sinusoidal_positions,
 )
+from .rope_scaling import ROPE_TYPES, rope_frequencies
 from .transformer import (
     init_transformer_decoder_layer,
     init_transformer_encoder_layer,
@@ -57,6 +58,7 @@ from .xca import cross_covariance_attention_layer, init_cross_covariance_attenti
 
 __all__ = [
     "LUONG_METHODS",
+    "ROPE_TYPES",
     "KVCache",
     "add_sinusoidal_positions",
     "additive_attention",
@@ -85,6 +87,7 @@ __all__ = [
     "relu",
     "rope",
     "rope_angles",
+    "rope_frequencies",
     "sinusoidal_positions",
     "transformer_decoder_layer",
     "transformer_decoder_layer_cached",

@@ -35,11 +35,13 @@ from .._backend import (
     itemsize,
     namespace,
     real_number,
+    to_host,
 )
 from .._op import Op
 from ..ops.masks import causal_keep
 from ..ops.softmax import check_broadcast, check_mask, masked_softmax_parts, normalize
 from .basic import check_size, resolve_dtype
+from .rope_scaling import rope_frequencies
 
 __all__ = [
     "add_sinusoidal_positions",
@@ -339,18 +341,32 @@ learned_positions = Op(
 
 
 def rope_angles(
-    xp: ModuleType, positions: Array, d: int, base: float, dtype: Any
+    xp: ModuleType,
+    positions: Array,
+    d: int,
+    base: float,
+    dtype: Any,
+    inv_freq: list[float] | None = None,
+    attention_factor: float = 1.0,
 ) -> tuple[Array, Array]:
     r"""``(cos, sin)`` of the rotation angles, shape ``(*positions.shape, d // 2)``.
 
     Pair ``i`` at position ``p`` turns by :math:`p\,\theta_i`, with
-    :math:`\theta_i = \mathrm{base}^{-2i/d}` (computed in float64, cast to ``dtype``).
+    :math:`\theta_i = \mathrm{base}^{-2i/d}` (computed in float64, cast to ``dtype``), or the
+    given ``inv_freq`` (:func:`~refattn.layers.rope_scaling.rope_frequencies`); both are
+    multiplied by ``attention_factor`` (YaRN's).
     """
     device = device_of(positions)
-    exponent = xp.arange(0, d, 2, dtype=xp.float64, device=device) / float(d)
-    inv_freq = 1.0 / (base**exponent)
-    angle = _as_float64(xp, positions)[..., None] * inv_freq
-    return xp.astype(xp.cos(angle), dtype), xp.astype(xp.sin(angle), dtype)
+    if inv_freq is None:
+        exponent = xp.arange(0, d, 2, dtype=xp.float64, device=device) / float(d)
+        theta = 1.0 / (base**exponent)
+    else:
+        theta = xp.asarray(inv_freq, dtype=xp.float64, device=device)
+    angle = _as_float64(xp, positions)[..., None] * theta
+    cos, sin = xp.cos(angle), xp.sin(angle)
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return xp.astype(cos, dtype), xp.astype(sin, dtype)
 
 
 def _rotate(xp: ModuleType, x: Array, cos: Array, sin: Array, interleaved: bool) -> Array:
@@ -376,6 +392,8 @@ def _rope_fwd(
     positions: Array | None = None,
     base: float = 10000.0,
     interleaved: bool = False,
+    scaling: dict[str, Any] | None = None,
+    rotary_dim: int | None = None,
 ) -> tuple[Array, Any]:
     r"""Rotary position embedding (Su et al., RoFormer).
 
@@ -408,7 +426,19 @@ def _rope_fwd(
         Defaults to ``arange(n)``. For per-batch positions with heads, pass
         ``positions[:, None, :]``.
     base : float
+        ``rope_theta``.
     interleaved : bool
+    scaling : dict, optional
+        transformers' ``rope_parameters`` (without ``rope_theta``): ``{"rope_type": "linear" |
+        "dynamic" | "yarn" | "llama3", "factor": ..., ...}``, the frequencies of
+        :func:`~refattn.layers.rope_scaling.rope_frequencies`; YaRN's ``attention_factor``
+        multiplies cos and sin (so the logits of rotated q and k scale by its square).
+        "dynamic" reads the sequence length as ``max(positions) + 1`` unless ``seq_len`` is
+        given (transformers' ``dynamic_rope_update``).
+    rotary_dim : int, optional
+        Partial rotary (GPT-NeoX's ``rotary_ndims``, transformers' ``partial_rotary_factor``
+        times ``d``): only the first ``rotary_dim`` channels rotate, with that width's
+        frequencies, in the chosen pairing; the rest pass through. Default ``d``.
 
     Returns
     -------
@@ -417,17 +447,28 @@ def _rope_fwd(
     xp = namespace(x, positions)
     _check_array("rope", xp, "x", x, min_ndim=2)
     d = int(x.shape[-1])
-    if d % 2:
+    d_rot = d if rotary_dim is None else rotary_dim
+    if isinstance(d_rot, bool) or not isinstance(d_rot, int) or not 2 <= d_rot <= d or d_rot % 2:
         raise ValueError(
-            f"refattn.rope: the last dimension of x must be even (channels are rotated in "
-            f"pairs), got {describe(x)}"
+            f"refattn.rope: the rotated width (rotary_dim, default the last dimension of x) "
+            f"must be an even int in [2, {d}] (channels are rotated in pairs), got "
+            f"{d_rot!r} for x {describe(x)}"
         )
     if not isinstance(interleaved, bool):
         raise TypeError(f"refattn.rope: interleaved must be a bool, got {interleaved!r}")
     base = _check_base("rope", base)
     pos = _positions("rope", xp, positions, tuple(x.shape[:-1]), device_of(x), allow_float=True)
-    cos, sin = rope_angles(xp, pos, d, base, x.dtype)
-    return _rotate(xp, x, cos, sin, interleaved), (xp, cos, sin)
+    inv_freq, factor = None, 1.0
+    if scaling is not None:
+        scaling = dict(scaling)
+        if scaling.get("rope_type") == "dynamic" and "seq_len" not in scaling:
+            scaling["seq_len"] = int(to_host(xp.max(pos))) + 1 if pos.size else 0
+        inv_freq, factor = rope_frequencies(d_rot, base=base, scaling=scaling)
+    cos, sin = rope_angles(xp, pos, d_rot, base, x.dtype, inv_freq, factor)
+    if d_rot == d:
+        return _rotate(xp, x, cos, sin, interleaved), (xp, cos, sin, d_rot)
+    turned = _rotate(xp, x[..., :d_rot], cos, sin, interleaved)
+    return xp.concat([turned, x[..., d_rot:]], axis=-1), (xp, cos, sin, d_rot)
 
 
 def _rope_bwd(residuals: Any, dy: Array, /, *, interleaved: bool = False) -> tuple[Array]:
@@ -442,10 +483,14 @@ def _rope_bwd(residuals: Any, dy: Array, /, *, interleaved: bool = False) -> tup
         \quad\Rightarrow\quad
         da = db'\sin\phi + da'\cos\phi,\quad db = db'\cos\phi - da'\sin\phi,
 
-    i.e. the forward rotation with ``sin`` negated, on the same channel pairs.
+    i.e. the forward rotation with ``sin`` negated, on the same channel pairs (scaled by the
+    same attention factor). Channels past ``rotary_dim`` pass through: ``dx = dy`` there.
     """
-    xp, cos, sin = residuals
-    return (_rotate(xp, dy, cos, -sin, interleaved),)
+    xp, cos, sin, d_rot = residuals
+    if d_rot == int(dy.shape[-1]):
+        return (_rotate(xp, dy, cos, -sin, interleaved),)
+    turned = _rotate(xp, dy[..., :d_rot], cos, -sin, interleaved)
+    return (xp.concat([turned, dy[..., d_rot:]], axis=-1),)
 
 
 rope = Op(_rope_fwd, _rope_bwd, name="rope", register=True)

@@ -358,6 +358,33 @@ CASES = [
         ValueError,
         ("cu_seqlens_k", "4"),
     ),
+    Bad(
+        "paged block out of range",
+        lambda _: refattn.paged_attention(
+            np.zeros((1, 1, 1, 3)),
+            np.zeros((2, 1, 4, 3)),
+            np.zeros((2, 1, 4, 3)),
+            block_table=[[0, 2]],
+            cache_seqlens=[6],
+        ),
+        ValueError,
+        ("block_table[0]", "block 2"),
+    ),
+    Bad(
+        "rope scaling type",
+        lambda _: refattn.rope(X, scaling={"rope_type": "ntk", "factor": 2.0}),
+        ValueError,
+        ("rope_type", "ntk"),
+    ),
+    Bad(
+        "rope_frequencies missing key",
+        lambda _: refattn.rope_frequencies(8, scaling={"rope_type": "llama3", "factor": 2.0}),
+        ValueError,
+        ("llama3", "low_freq_factor"),
+    ),
+    Bad(
+        "rope rotary_dim odd", lambda _: refattn.rope(X, rotary_dim=3), ValueError, ("rotary_dim",)
+    ),
     # ---- ALiBi
     Bad("alibi n_heads", lambda _: refattn.alibi_slopes(0), ValueError, ("n_heads", "0")),
     Bad(

@@ -447,12 +447,16 @@ def _rope_fwd(
     xp = namespace(x, positions)
     _check_array("rope", xp, "x", x, min_ndim=2)
     d = int(x.shape[-1])
+    if rotary_dim is None and d % 2:
+        raise ValueError(
+            f"refattn.rope: the last dimension of x must be even (channels are rotated in "
+            f"pairs), got {describe(x)}"
+        )
     d_rot = d if rotary_dim is None else rotary_dim
     if isinstance(d_rot, bool) or not isinstance(d_rot, int) or not 2 <= d_rot <= d or d_rot % 2:
         raise ValueError(
-            f"refattn.rope: the rotated width (rotary_dim, default the last dimension of x) "
-            f"must be an even int in [2, {d}] (channels are rotated in pairs), got "
-            f"{d_rot!r} for x {describe(x)}"
+            f"refattn.rope: rotary_dim must be an even int in [2, {d}] (channels are rotated "
+            f"in pairs), got {d_rot!r} for x {describe(x)}"
         )
     if not isinstance(interleaved, bool):
         raise TypeError(f"refattn.rope: interleaved must be a bool, got {interleaved!r}")

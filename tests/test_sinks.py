@@ -229,3 +229,44 @@ def test_sink_bad_input_is_refused_with_the_argument_named():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="sink_tokens must be an int >= 0"):
             sdpa(q, k, v, window=2, sink_tokens=bad)
+
+
+def test_multi_head_attention_learns_its_sinks():
+    """An MHA tree with ``sinks`` (n_heads,): torch autograd of the projections and the sink
+    column (gpt-oss's formula) gives the same outputs and every gradient, sinks included."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(10)
+    params = refattn.init_multi_head_attention(8, 4, n_kv_heads=2, seed=1)
+    params["sinks"] = rng.standard_normal(4)
+    x = rng.standard_normal((2, 5, 8))
+    bias = rng.standard_normal((4, 5, 5))
+    y, pullback = refattn.vjp(
+        refattn.multi_head_attention, params, x, x, x, n_heads=4, n_kv_heads=2, bias=bias
+    )
+    d_y = rng.standard_normal(y.shape)
+    grads, d_q, d_k, d_v = pullback(d_y)
+    t = {
+        name: {k: torch.tensor(v, requires_grad=True) for k, v in p.items()}
+        for name, p in params.items()
+        if name != "sinks"
+    }
+    t_sinks = torch.tensor(params["sinks"], requires_grad=True)
+    tx = torch.tensor(x, requires_grad=True)
+
+    def affine(p, z):
+        return z @ p["weight"] + p["bias"]
+
+    q = affine(t["query"], tx).reshape(2, 5, 4, 2).transpose(1, 2)
+    k = affine(t["key"], tx).reshape(2, 5, 2, 2).transpose(1, 2).repeat_interleave(2, 1)
+    v = affine(t["value"], tx).reshape(2, 5, 2, 2).transpose(1, 2).repeat_interleave(2, 1)
+    s = q @ k.transpose(-1, -2) / 2**0.5 + torch.tensor(bias)
+    s = torch.cat([s, t_sinks.reshape(1, 4, 1, 1).expand(2, 4, 5, 1)], -1)
+    o = (torch.softmax(s, -1)[..., :-1] @ v).transpose(1, 2).reshape(2, 5, 8)
+    t_y = affine(t["out"], o)
+    t_y.backward(torch.tensor(d_y))
+    assert rel_err(y, t_y.detach().numpy()) <= 1e-13
+    assert rel_err(grads["sinks"], t_sinks.grad.numpy()) <= 1e-12
+    for name in ("query", "key", "value", "out"):
+        for leaf in ("weight", "bias"):
+            assert rel_err(grads[name][leaf], t[name][leaf].grad.numpy()) <= 1e-12
+    assert rel_err(d_q + d_k + d_v, tx.grad.numpy()) <= 1e-12

@@ -77,7 +77,7 @@ def _heads(xp: Any, sa: Any) -> tuple[Array, Array, Array, Array, Array]:
     q = split_heads(xp, affine_forward(xp, params["query"], sa.query), sa.n_heads, sa.head_dim)
     k, v = project_kv(xp, params, sa.key, sa.value, n_kv, sa.head_dim)
     options = {**sa.sdpa_options, "return_weights": True, "implementation": "materialized"}
-    o, a = scaled_dot_product_attention(q, k, v, **options)
+    o, a = scaled_dot_product_attention(q, k, v, sinks=params.get("sinks"), **options)
     return q, k, v, o, a
 
 

@@ -103,11 +103,13 @@ def check_mha_params(
     n_kv_heads: int | None,
     dtype: Any,
     bias_kv: bool = False,
+    sinks: bool = False,
 ) -> tuple[int, int, int]:
     """Validate an MHA parameter tree; return ``(n_heads, n_kv_heads, head_dim)``.
 
     ``prefix`` is the tree's key path for messages (``"self_attn"``, or ``""`` at the root).
-    ``bias_kv``: the tree may hold ``bias_k`` and ``bias_v`` (both or neither).
+    ``bias_kv``: the tree may hold ``bias_k`` and ``bias_v`` (both or neither); ``sinks``: a
+    ``(n_heads,)`` ``sinks`` entry (gpt-oss's learnable sink logits).
     """
     n_heads, n_kv_heads, head_dim = check_heads(op, d_model, n_heads, n_kv_heads)
     kv_width = n_kv_heads * head_dim
@@ -120,9 +122,11 @@ def check_mha_params(
         sub = get_subtree(op, params, key, prefix)
         check_affine(op, xp, sub, join_path(prefix, key), d_in=d_in, d_out=d_out, dtype=dtype)
     allowed = {"query", "key", "value", "out"} | ({"bias_k", "bias_v"} if bias_kv else set())
+    allowed |= {"sinks"} if sinks else set()
     extra = sorted(set(params) - allowed)
     if extra:
         names = "'query', 'key', 'value', 'out'" + (" and 'bias_k', 'bias_v'" if bias_kv else "")
+        names += " and 'sinks'" if sinks else ""
         raise ValueError(
             f"refattn.{op}: unexpected parameter(s) {[join_path(prefix, k) for k in extra]} "
             f"(multi-head attention here has {names})"
@@ -139,6 +143,13 @@ def check_mha_params(
             raise ValueError(
                 f"refattn.{op}: {join_path(prefix, key)} must be a ({kv_width},) array of "
                 f"dtype {dtype} (H_kv * head_dim), got {describe(b)}"
+            )
+    if "sinks" in params:
+        b = params["sinks"]
+        if tuple(getattr(b, "shape", ())) != (n_heads,) or b.dtype != dtype:
+            raise ValueError(
+                f"refattn.{op}: {join_path(prefix, 'sinks')} must be a ({n_heads},) array of "
+                f"dtype {dtype} (one sink logit per head), got {describe(b)}"
             )
     return n_heads, n_kv_heads, head_dim
 
@@ -251,7 +262,11 @@ def mha_forward(
         vh = xp.concat([vh, *(rv for _, rv in extra_rows)], axis=-2)
         sdpa_options = _pad_score_options(xp, sdpa_options, int(key.shape[-2]), len(extra_rows))
     options = {**sdpa_options, "return_weights": need_weights}
-    result, sdpa_saved = _sdpa.forward(qh, kh, vh, **options)
+    if "sinks" in params:  # learnable: bias and sinks go positionally (primals of the core)
+        bias = options.pop("bias", None)
+        result, sdpa_saved = _sdpa.forward(qh, kh, vh, bias, params["sinks"], **options)
+    else:
+        result, sdpa_saved = _sdpa.forward(qh, kh, vh, **options)
     o, weights = result if need_weights else (result, None)
     o_merged = merge_heads(xp, o, lead)  # (*lead, H, n_q, hd) -> (*lead, n_q, H * hd)
     y = affine_forward(xp, params["out"], o_merged)
@@ -334,9 +349,13 @@ def mha_backward(
         head_cotangents.append(d_o)
     cotangent = (d_o, d_weights) if saved.sdpa_options["return_weights"] else d_o
     del d_om, d_o  # (the cotangent keeps them while needed)
-    d_qkv = list(_sdpa.apply_backward(saved.sdpa_saved, cotangent, **saved.sdpa_options))
-    del cotangent
     grads = {}
+    if "sinks" in params:
+        d_all = _sdpa.apply_backward(saved.sdpa_saved, cotangent, **saved.sdpa_options, n_primals=5)
+        d_qkv, grads["sinks"] = list(d_all[:3]), d_all[4]
+    else:
+        d_qkv = list(_sdpa.apply_backward(saved.sdpa_saved, cotangent, **saved.sdpa_options))
+    del cotangent
     if saved.n_extra:  # the appended rows: bias_k/bias_v get theirs, the zero row none
         n_k = int(d_qkv[1].shape[-2]) - saved.n_extra
         if "bias_k" in params:
@@ -401,6 +420,8 @@ def _mha_fwd(
         Shapes in the module docstring; ``bias`` entries are optional. Optional ``"bias_k"``
         and ``"bias_v"``, ``(H_kv * head_dim,)`` each: torch's ``add_bias_kv=True``, one more
         key and value row appended after the projections (learnable: they get gradients).
+        Optional ``"sinks"``, ``(n_heads,)``: gpt-oss's learnable sink logits, one per head in
+        each row's softmax denominator (SDPA's ``sinks``; learnable too).
     query : (..., n_q, d_model)
     key : (..., n_k, d_k)
     value : (..., n_k, d_v)
@@ -467,6 +488,7 @@ def _mha_fwd(
         n_kv_heads=n_kv_heads,
         dtype=query.dtype,
         bias_kv=True,
+        sinks=True,
     )
     _check_appended_keys(
         "bias_k" in params, add_zero_attn, is_causal, window, query_lengths, key_lengths

@@ -10,15 +10,13 @@ from typing import Any
 import numpy as np  # the comparison harness works on host copies; refattn ops run on NumPy
 
 from ..ops.masks import causal_mask
+from ..testing.conformance import DTYPES as DTYPES  # the same dtypes and rule constants
+from ..testing.conformance import FACTOR as FACTOR
+from ..testing.conformance import FLOOR_ULPS as FLOOR_ULPS
+from ..testing.conformance import WARN_FACTOR as WARN_FACTOR
 
 FRAMEWORKS = ("torch", "jax")
-DTYPES = ("float64", "float32", "float16", "bfloat16")
 LAYER_DTYPES = ("float64", "float32")
-FACTOR = 2.0
-FLOOR_ULPS = 2.0
-#: errors above the allowed one but within this multiple of it are "warn" (an accuracy gap, not
-#: a semantic mismatch: those are orders of magnitude larger); --strict fails them too
-WARN_FACTOR = 4.0
 
 
 # ----------------------------------------------------------------------------- the grid

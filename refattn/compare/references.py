@@ -11,19 +11,15 @@ from typing import Any
 import numpy as np  # the comparison harness works on host copies; refattn ops run on NumPy
 
 from .. import _tree
-from ..ops import scaled_dot_product_attention
 from ..testing import (
-    SOFTMAX_VJP_FORMS,
     AttentionTolerance,
     attention_tolerance,
     float64_baseline_error,
-    lowp_attention_baseline,
-    lowp_attention_vjp_baseline,
     machine_epsilon,
-    max_abs_error,
     round_to_dtype,
     run_in_dtype,
 )
+from ..testing.conformance import plain_errors, reference_results, to_float64_errors
 from .cases import FACTOR, FLOOR_ULPS, WARN_FACTOR, AttentionCase, Inputs, make_inputs
 from .report import Row
 
@@ -140,50 +136,16 @@ class References:
         if inputs.bias is not None:
             bias = rounded(inputs.bias, dtype)
             options["bias"] = bias
-        ref = _reference_results(q, k, v, ct, options)
+        found = reference_results(q, k, v, ct, options)
         if dtype == "float64":
             q32, k32, v32, ct32 = (rounded(x, "float32") for x in (q, k, v, ct))
             o32 = {key: rounded(val, "float32") for key, val in options.items()}
-            ref32 = _reference_results(q32, k32, v32, ct32, o32)
-            errors = _plain_errors(q32, k32, v32, ct32, o32, "float32", ref32)
-            scale = machine_epsilon("float64") / machine_epsilon("float32")
-            errors = {name: err * scale for name, err in errors.items()}
+            ref32 = reference_results(q32, k32, v32, ct32, o32)
+            errors = to_float64_errors(plain_errors(q32, k32, v32, ct32, o32, "float32", ref32))
         else:
-            errors = _plain_errors(q, k, v, ct, options, dtype, ref)
-        return Reference(q, k, v, ct, bias, *ref, errors)
-
-
-def _reference_results(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, ct: np.ndarray, options: dict[str, Any]
-) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
-    """refattn float64: ``(out, (dq, dk, dv), lse)``."""
-    sdpa = scaled_dot_product_attention
-    out, grads = run_in_dtype(sdpa, q, k, v, dtype="float64", cotangent=ct, **options)
-    _, lse = sdpa(q, k, v, return_lse=True, **options)
-    return out, tuple(grads), lse
-
-
-def _plain_errors(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    ct: np.ndarray,
-    options: dict[str, Any],
-    dtype: str,
-    ref: tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray],
-) -> dict[str, float]:
-    """The plain implementation's max errors in ``dtype`` (worst of the softmax-VJP forms)."""
-    ref_out, ref_grads, ref_lse = ref
-    _, lse = lowp_attention_baseline(q, k, v, dtype=dtype, return_lse=True, **options)
-    errors = {"lse": max_abs_error(lse, ref_lse)}
-    for form in SOFTMAX_VJP_FORMS:
-        out, grads = lowp_attention_vjp_baseline(
-            q, k, v, ct, dtype=dtype, softmax_vjp=form, **options
-        )
-        pairs = zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True)
-        for name, b, r in pairs:
-            errors[name] = max(errors.get(name, 0.0), max_abs_error(b, r))
-    return errors
+            errors = plain_errors(q, k, v, ct, options, dtype, found)
+        grads = (found["dq"], found["dk"], found["dv"])
+        return Reference(q, k, v, ct, bias, found["out"], grads, found["lse"], errors)
 
 
 def evaluate(

@@ -66,7 +66,12 @@ from typing import IO, Any
 import numpy as np  # the harness works on host copies; refattn's reference runs on NumPy
 
 from ..ops.sdpa import scaled_dot_product_attention
-from .baselines import SOFTMAX_VJP_FORMS, lowp_attention_vjp_baseline, run_in_dtype
+from .baselines import (
+    SOFTMAX_VJP_FORMS,
+    lowp_attention_baseline,
+    lowp_attention_vjp_baseline,
+    run_in_dtype,
+)
 from .dtypes import machine_epsilon, round_to_dtype
 from .tolerance import attention_tolerance, max_abs_error
 
@@ -476,22 +481,66 @@ def _as_dtype(x: np.ndarray, dtype: str) -> Any:
     return np.asarray(x).astype(ml_dtypes.bfloat16)
 
 
-def _reference(data: Inputs, r: dict[str, Any]) -> dict[str, np.ndarray]:
-    """refattn's float64 answer for the rounded inputs: out, lse and every gradient."""
-    sdpa = scaled_dot_product_attention
-    primals = (r["q"], r["k"], r["v"]) + (() if r["sinks"] is None else (None, r["sinks"]))
+def reference_results(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    cotangent: np.ndarray,
+    options: dict[str, Any],
+    sinks: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """refattn's float64 answer: ``out``, ``lse`` and the gradients ``dq``, ``dk``, ``dv``
+    (``dsinks`` with sinks) for the output's ``cotangent``. Shared with ``refattn compare``."""
+    primals = (q, k, v) if sinks is None else (q, k, v, None, sinks)
     (out, lse), grads = run_in_dtype(
-        sdpa,
+        scaled_dot_product_attention,
         *primals,
         dtype="float64",
-        cotangent=(r["cotangent"], None),
+        cotangent=(cotangent, None),
         return_lse=True,
-        **data.options,
+        **options,
     )
-    names = ("dq", "dk", "dv", None, "dsinks")
     result = {"out": out, "lse": lse}
-    result.update({n: g for n, g in zip(names, grads, strict=False) if n is not None})
+    result.update(
+        {n: g for n, g in zip(("dq", "dk", "dv", None, "dsinks"), grads, strict=False) if n}
+    )
     return result
+
+
+def plain_errors(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    cotangent: np.ndarray,
+    options: dict[str, Any],
+    dtype: str,
+    reference: dict[str, np.ndarray],
+) -> dict[str, float]:
+    """The plain implementation's max error per quantity in ``dtype`` (float32 or lower):
+    :func:`~refattn.testing.lowp_attention_vjp_baseline`, the worst of its softmax-VJP forms,
+    and :func:`~refattn.testing.lowp_attention_baseline`'s LSE. ``options`` are the ones the
+    baseline takes (mask, bias, causal, scale). Shared with ``refattn compare``."""
+    _, lse = lowp_attention_baseline(q, k, v, dtype=dtype, return_lse=True, **options)
+    errors = {"lse": max_abs_error(lse, reference["lse"])}
+    for form in SOFTMAX_VJP_FORMS:
+        out, grads = lowp_attention_vjp_baseline(
+            q, k, v, cotangent, dtype=dtype, softmax_vjp=form, **options
+        )
+        for name, x in zip(("out", "dq", "dk", "dv"), (out, *grads), strict=True):
+            errors[name] = max(errors.get(name, 0.0), max_abs_error(x, reference[name]))
+    return errors
+
+
+def to_float64_errors(errors_float32: dict[str, float]) -> dict[str, float]:
+    """A plain float64 implementation's errors, estimated from float32 ones measured on
+    float32-rounded inputs (``eps64 / eps32`` times:
+    :func:`~refattn.testing.float64_baseline_error`'s argument)."""
+    scale = machine_epsilon("float64") / machine_epsilon("float32")
+    return {name: err * scale for name, err in errors_float32.items()}
+
+
+def _reference(data: Inputs, r: dict[str, Any]) -> dict[str, np.ndarray]:
+    return reference_results(r["q"], r["k"], r["v"], r["cotangent"], data.options, r["sinks"])
 
 
 def _baseline_errors(
@@ -500,22 +549,26 @@ def _baseline_errors(
     """The plain implementation's max error per quantity in ``dtype`` (module docstring)."""
     if dtype == "float64":
         r32 = {name: _rounded(x, "float32") for name, x in r.items()}
-        errors = _baseline_errors(case, data, r32, "float32", _reference(data, r32))
-        scale = machine_epsilon("float64") / machine_epsilon("float32")
-        return {name: err * scale for name, err in errors.items()}
-    if case.softcap is None and not case.sinks:
-        return _plain_errors(data, r, dtype, reference)
+        return to_float64_errors(
+            _baseline_errors(case, data, r32, "float32", _reference(data, r32))
+        )
+    if case.softcap is None and not case.sinks:  # every masking rule as one explicit mask
+        options = {
+            "mask": data.keep,
+            **{k: data.options[k] for k in ("scale",) if k in data.options},
+        }
+        return plain_errors(r["q"], r["k"], r["v"], r["cotangent"], options, dtype, reference)
     # no plain form: refattn's float32 kernel's error, scaled to the dtype's unit roundoff
     r32 = {name: _rounded(x, "float32") for name, x in r.items()}
-    primals = tuple(np.asarray(r32[n], dtype=np.float32) for n in ("q", "k", "v"))
-    if r32["sinks"] is not None:
-        primals = (*primals, None, np.asarray(r32["sinks"], dtype=np.float32))
-    ct = np.asarray(r32["cotangent"], dtype=np.float32)
+    f32 = {n: None if x is None else np.asarray(x, dtype=np.float32) for n, x in r32.items()}
+    primals = (f32["q"], f32["k"], f32["v"])
+    if f32["sinks"] is not None:
+        primals = (*primals, None, f32["sinks"])
     (out, lse), grads = run_in_dtype(
         scaled_dot_product_attention,
         *primals,
         dtype="float32",
-        cotangent=(ct, None),
+        cotangent=(f32["cotangent"], None),
         return_lse=True,
         **data.options,
     )
@@ -526,34 +579,6 @@ def _baseline_errors(
         {n: g for n, g in zip(("dq", "dk", "dv", None, "dsinks"), grads, strict=False) if n}
     )
     return {name: max_abs_error(x, ref32[name]) * scale for name, x in found.items()}
-
-
-def _plain_errors(
-    data: Inputs, r: dict[str, Any], dtype: str, reference: dict[str, np.ndarray]
-) -> dict[str, float]:
-    """:func:`~refattn.testing.lowp_attention_vjp_baseline` with every masking rule as one
-    explicit mask, the worst of its softmax-VJP forms."""
-    options = {"mask": data.keep}
-    if "scale" in data.options:
-        options["scale"] = data.options["scale"]
-    errors: dict[str, float] = {}
-    for form in SOFTMAX_VJP_FORMS:
-        out, grads = lowp_attention_vjp_baseline(
-            r["q"], r["k"], r["v"], r["cotangent"], dtype=dtype, softmax_vjp=form, **options
-        )
-        for name, x in zip(("out", "dq", "dk", "dv"), (out, *grads), strict=True):
-            errors[name] = max(errors.get(name, 0.0), max_abs_error(x, reference[name]))
-    from .baselines import lowp_attention_baseline
-
-    _, lse = lowp_attention_baseline(
-        r["q"], r["k"], r["v"], dtype=dtype, return_lse=True, **options
-    )
-    finite = np.isfinite(reference["lse"])
-    errors["lse"] = max_abs_error(
-        np.where(finite, np.asarray(lse, dtype=np.float64), 0.0),
-        np.where(finite, reference["lse"], 0.0),
-    )
-    return errors
 
 
 # ----------------------------------------------------------------------------- calling kernels

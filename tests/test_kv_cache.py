@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import randn, rel_err, to_numpy
 
+import refattn
 from refattn.layers.attention import init_multi_head_attention, multi_head_attention
 from refattn.layers.kv_cache import (
     KVCache,
@@ -187,3 +188,30 @@ def test_cache_mismatch_errors():
         KVCache(0, 2, 2)
     with pytest.raises(ValueError, match="must have shape"):
         KVCache(4, 2, 2).append(np.zeros((3, 1, 2)), np.zeros((3, 1, 2)))
+
+
+@pytest.mark.parametrize("chunks", [[1] * 12, [5, 1, 4, 2]])
+def test_streaming_decoding_with_window_sinks_and_softcap_equals_the_full_pass(chunks):
+    """StreamingLLM's rule while decoding: a window of 3 plus 2 sink tokens, a softcap and
+    learnable sink logits; the cached steps give the full causal pass's rows."""
+    rng = np.random.default_rng(11)
+    params = refattn.init_multi_head_attention(8, 4, n_kv_heads=2, seed=2)
+    params["sinks"] = rng.standard_normal(4)
+    x = rng.standard_normal((2, 12, 8))
+    opts = {"window": (3, 0), "sink_tokens": 2, "softcap": 2.5}
+    full = refattn.multi_head_attention(
+        params, x, x, x, n_heads=4, n_kv_heads=2, is_causal=True, **opts
+    )
+    cache = KVCache(12, 2, 2, batch=(2,))
+    outs, start = [], 0
+    for t in chunks:
+        outs.append(
+            refattn.multi_head_attention_cached(
+                params, x[:, start : start + t], cache, n_heads=4, n_kv_heads=2, **opts
+            )
+        )
+        start += t
+    assert rel_err(np.concatenate(outs, axis=1), full) <= 1e-13
+    # the window matters: without it the rows differ
+    plain = refattn.multi_head_attention(params, x, x, x, n_heads=4, n_kv_heads=2, is_causal=True)
+    assert rel_err(plain, full) > 1e-3

@@ -396,6 +396,7 @@ def _mha_fwd(
     is_causal: bool = False,
     causal_alignment: str = "upper_left",
     window: int | tuple[int | None, int | None] | None = None,
+    sink_tokens: int = 0,
     query_lengths: Any = None,
     key_lengths: Any = None,
     softcap: float | None = None,
@@ -444,6 +445,8 @@ def _mha_fwd(
         :func:`refattn.scaled_dot_product_attention`, default "upper_left" like torch).
     window : int or (left, right), optional
         Local attention window, as in :func:`refattn.scaled_dot_product_attention`.
+    sink_tokens : int >= 0
+        StreamingLLM's sink tokens, kept through the ``window`` (SDPA's ``sink_tokens``).
     query_lengths, key_lengths : ints, one per batch element, optional
         A padded batch, as in :func:`refattn.scaled_dot_product_attention` (each sequence on
         its own causal diagonal under "lower_right"). Padded query rows attend nothing, so
@@ -508,7 +511,9 @@ def _mha_fwd(
     check_lengths(
         _OP, scores_shape, query_lengths, key_lengths, is_causal, causal_alignment, window_pair
     )  # before any projection, like the score options
-    score_options.update(query_lengths=query_lengths, key_lengths=key_lengths)
+    score_options.update(
+        query_lengths=query_lengths, key_lengths=key_lengths, sink_tokens=sink_tokens
+    )
     y, weights, saved = mha_forward(
         xp,
         params,

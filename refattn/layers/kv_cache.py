@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from .._backend import default_namespace, describe, namespace
+from ..ops.sdpa.problem import check_score_options
 from .attention import check_mha_params, mha_forward, project_kv
 from .basic import (
     array_leaves,
@@ -221,8 +222,10 @@ def _self_attention_step(
     cache: KVCache,
     heads: tuple[int, int, int],
     mask: Array | None,
+    **score_options: Any,
 ) -> Array:
-    """Project the new tokens' keys/values into ``cache`` and attend to all cached positions."""
+    """Project the new tokens' keys/values into ``cache`` and attend to all cached positions
+    (``score_options``: window, softcap, sink tokens, on the lower-right diagonal)."""
     n_heads, n_kv_heads, head_dim = heads
     k_new, v_new = project_kv(xp, params, x, x, n_kv_heads, head_dim)
     keys, values = cache.append(k_new, v_new)
@@ -239,6 +242,7 @@ def _self_attention_step(
         is_causal=True,
         causal_alignment="lower_right",
         projected_kv=(keys, values),
+        **score_options,
     )
     return y
 
@@ -252,11 +256,15 @@ def multi_head_attention_cached(
     n_heads: int,
     n_kv_heads: int | None = None,
     mask: Array | None = None,
+    window: int | tuple[int | None, int | None] | None = None,
+    sink_tokens: int = 0,
+    softcap: float | None = None,
 ) -> Array:
     r"""Causal self-attention over new tokens ``x``, reusing and extending ``cache``.
 
     Equals rows ``L .. L+t-1`` of ``multi_head_attention(params, s, s, s, is_causal=True)``
-    for the whole sequence ``s`` so far, where ``L = cache.length`` before the call.
+    (with the same ``window``, ``sink_tokens``, ``softcap`` and sinks) for the whole sequence
+    ``s`` so far, where ``L = cache.length`` before the call.
 
     Parameters
     ----------
@@ -269,6 +277,12 @@ def multi_head_attention_cached(
     n_heads, n_kv_heads : int
     mask : bool, broadcastable to (*batch, n_heads, t, L + t), optional
         Extra keep-mask (e.g. padding), combined with the causal one.
+    window, sink_tokens, softcap
+        As in :func:`refattn.scaled_dot_product_attention`, aligned on the cache's end: a
+        sliding window ``(w, 0)`` with StreamingLLM's ``sink_tokens`` is its decoding rule. The
+        cache still holds every position (a window does not evict).
+        A ``"sinks"`` entry in ``params`` (learnable sink logits) is used as in
+        :func:`refattn.multi_head_attention`.
 
     Returns
     -------
@@ -289,7 +303,9 @@ def multi_head_attention_cached(
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         dtype=x.dtype,
+        sinks=True,
     )
+    score_options = {"window": window, "sink_tokens": sink_tokens, "softcap": softcap}
     lead = tuple(x.shape[:-2])
     _check_cache(
         op,
@@ -303,7 +319,20 @@ def multi_head_attention_cached(
         n_new=t,
     )
     _check_mask(op, xp, mask, (*lead, heads[0], t, cache.length + t), "mask")
-    return _self_attention_step(xp, params, x, cache, heads, mask)
+    lead_scores = (*lead, heads[0], t, cache.length + t)
+    check_score_options(
+        op,
+        xp,
+        lead_scores,
+        x.dtype,
+        is_causal=True,
+        causal_alignment="lower_right",
+        window=window,
+        softcap=softcap,
+    )
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"refattn.{op}: sink_tokens must be an int >= 0, got {sink_tokens!r}")
+    return _self_attention_step(xp, params, x, cache, heads, mask, **score_options)
 
 
 def transformer_encoder_layer_cached(

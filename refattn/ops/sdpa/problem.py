@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..._backend import describe, floating_dtype, itemsize, namespace, real_number, to_host
+from ..._op import Op
 from ..masks import check_alignment
 from ..softmax import check_broadcast, check_mask
 from .plan import Lengths, Pattern, causal_pattern
@@ -307,7 +308,7 @@ def prepare(
         dropout_mask=dropout_mask,
         dropout_p=dropout_p,
     )
-    sink_tokens = _check_sink_tokens(op, sink_tokens, window)
+    sink_tokens = _check_sink_tokens(op, sink_tokens)
     lengths = check_lengths(
         op,
         scores_shape,
@@ -491,7 +492,7 @@ def _check_window(op: str, window: Any) -> tuple[int | None, int | None] | None:
     return (None if left is None else int(left), None if right is None else int(right))
 
 
-def _check_sink_tokens(op: str, sink_tokens: Any, window: Any) -> int:
+def _check_sink_tokens(op: str, sink_tokens: Any) -> int:
     """StreamingLLM's sink tokens: an int >= 0, the first keys kept through the ``window``."""
     if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
         raise ValueError(
@@ -525,8 +526,6 @@ def _check_sinks(
 def _check_modifiers(op: str, score_mod: Any, mask_mod: Any) -> None:
     """``score_mod`` a :class:`refattn.Op` (its backward is the modifier's derivative, which
     the kernels need), ``mask_mod`` a callable."""
-    from ..._op import Op
-
     if score_mod is not None and not isinstance(score_mod, Op):
         raise TypeError(
             f"refattn.{op}: score_mod must be a refattn.Op (score, /, *, b, h, i, j) -> score "

@@ -12,7 +12,7 @@ import pytest
 from refattn import compare
 
 #: JAX's float16 attention cannot run under jit on the CPU, so it runs op by op (seconds per
-#: shape): the test grid leaves it out; torch's grid covers float16.
+#: case): the test grid leaves it out; torch's grid covers float16.
 JAX_TEST_DTYPES = ("float64", "float32", "bfloat16")
 
 
@@ -37,7 +37,7 @@ def jax_report():
 
 
 def _assert_all_pass(report):
-    assert report.ok, [(r.case, r.impl, r.dtype, r.note) for r in report.failures]
+    assert report.ok, [(r.case, r.kernel, r.dtype, r.note) for r in report.failures]
     assert not report.unexpected
     assert all(r.status in ("pass", "n/a") for r in report.rows)
 
@@ -47,11 +47,38 @@ def _assert_all_pass(report):
 
 def test_torch_quick_grid_passes(torch_report):
     _assert_all_pass(torch_report)
-    impls = {r.impl for r in torch_report.rows}
+    impls = {r.kernel for r in torch_report.rows}
     assert {"torch F.sdpa[default]", "torch F.sdpa[math]"} <= impls
     assert {r.dtype for r in torch_report.rows} >= {"float64", "float32", "float16", "bfloat16"}
     cases = {r.case for r in torch_report.rows}
-    assert {"gqa_4q_2kv_causal", "fully_masked_rows", "causal_lower_right_mask_nq12_nk20"} <= cases
+    assert cases == set(compare.QUICK_CASES) | {
+        r.case for r in torch_report.rows if "mha" in r.case or "encoder" in r.case
+    }
+
+
+def test_sdpa_rows_are_conformance_rows_on_its_catalogue():
+    """compare is a client of refattn.testing.conformance: the full grid is the catalogue, each
+    case a row per dtype or an n/a row naming what the function lacks, and each row's numbers
+    are conformance.evaluate's for the same kernel."""
+    pytest.importorskip("torch")
+    from refattn.testing import conformance
+
+    report = compare.compare("torch", dtypes=("float32",))
+    math_rows = {r.case: r for r in report.rows if r.kernel == "torch F.sdpa[math]"}
+    assert set(math_rows) == {c.name for c in conformance.CASES}
+    kernel = conformance.torch_sdpa_kernel("math", dtypes=("float32",))
+    for case in conformance.CASES:
+        row = math_rows[case.name]
+        if kernel.lacks(case):
+            assert row.status == "n/a" and row.note == f"lacks {', '.join(kernel.lacks(case))}"
+            continue
+        direct = conformance.evaluate(kernel, case, "float32")
+        assert (row.out_error, row.worst, row.worst_error) == (
+            direct.out_error,
+            direct.worst,
+            direct.worst_error,
+        )
+    assert math_rows["bias"].status == "pass"
 
 
 def _rows_behaviour(rows, uniform):
@@ -133,12 +160,12 @@ def test_torch_layers_are_compared(torch_report):
         ("torch nn.MultiheadAttention", ("dquery", "dkey", "dvalue")),
         ("torch nn.TransformerEncoderLayer", ("dx",)),
     ):
-        rows = [r for r in torch_report.rows if r.impl == impl]
+        rows = [r for r in torch_report.rows if r.kernel == impl]
         assert {r.dtype for r in rows} == {"float64", "float32"}
         for r in rows:
-            root = r.grad_name.split(".", 1)[0]
-            assert root == "dparams" or root in grads, (r.case, r.dtype, r.grad_name)
-            assert r.grad_error <= r.grad_allowed, (r.case, r.dtype, r.grad_name)
+            root = r.worst.split(".", 1)[0]
+            assert root == "dparams" or root in grads, (r.case, r.dtype, r.worst)
+            assert r.worst_error <= r.worst_allowed, (r.case, r.dtype, r.worst)
     assert refattn.__version__
 
 
@@ -161,7 +188,7 @@ def test_a_broken_framework_is_caught(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", broken)
     report = compare.compare("torch", quick=True, dtypes=("float32",))
-    sdpa_rows = [r for r in report.rows if r.impl.startswith("torch F.sdpa")]
+    sdpa_rows = [r for r in report.rows if r.kernel.startswith("torch F.sdpa")]
     assert sdpa_rows and all(r.status == "FAIL" for r in sdpa_rows)
     assert not report.ok
     status, _ = _run("torch", "--dtypes", "float32")
@@ -173,8 +200,14 @@ def test_a_broken_framework_is_caught(monkeypatch):
 
 def test_jax_quick_grid_passes(jax_report):
     _assert_all_pass(jax_report)
-    assert {r.dtype for r in jax_report.rows} == set(JAX_TEST_DTYPES)
-    assert all("lse" in r.grad_name or r.grad_name in ("dq", "dk", "dv") for r in jax_report.rows)
+    assert {r.dtype for r in jax_report.rows if r.status != "n/a"} == set(JAX_TEST_DTYPES)
+    n_a = {r.case: r.note for r in jax_report.rows if r.status == "n/a"}
+    assert n_a == {"causal_lower_right_nq12_nk20": "lacks causal_lower_right"}
+    # JAX's fully masked rows are the values' average: left out, the other rows judged
+    dead = [r for r in jax_report.rows if r.case == "fully_masked_rows"]
+    assert dead and all("uniform_average (known difference; left out)" in r.note for r in dead)
+    judged = [r for r in jax_report.rows if r.status != "n/a"]
+    assert all(r.worst in ("lse", "dq", "dk", "dv") for r in judged)
 
 
 def test_jax_semantic_table_matches_jax(jax_report):

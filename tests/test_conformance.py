@@ -135,3 +135,63 @@ def test_bad_declarations_are_refused():
         conformance.Kernel(lambda q, k, v: q, dtypes=("float8",))
     with pytest.raises(ValueError, match="layout must be"):
         conformance.Kernel(lambda q, k, v: q, layout="SBHD")
+    with pytest.raises(ValueError, match="gives its gradients as vjp="):
+        conformance.Kernel(lambda q, k, v: q, framework="numpy", features={"grad"})
+    with pytest.raises(ValueError, match="dtypes must be among"):
+        conformance.Kernel(lambda q, k, v: q, computes_in={"float64": "tf32"})
+    with pytest.raises(ValueError, match="backend must be one of"):
+        conformance.torch_sdpa_kernel("fused")
+
+
+def _torch_variant(kind: str, features: set[str], **declared) -> conformance.Kernel:
+    """torch's math SDPA with one deliberate behaviour (``kind``)."""
+    torch = pytest.importorskip("torch")
+    right = conformance.torch_sdpa_kernel("math").fn
+
+    def fn(q, k, v, mask=None, bias=None, **options):
+        if kind == "average_dead_rows":  # JAX's choice: the dead rows average every value
+            out = right(q, k, v, mask=mask, **options)
+            dead = ~mask.any(-1, keepdim=True)
+            return torch.where(dead, v.mean(-2, keepdim=True).expand_as(out), out)
+        if kind == "float32_inside":  # computes float64 inputs in float32
+            return right(q.float(), k.float(), v.float(), mask=mask, **options).double()
+        if kind == "ignores_bias":
+            return right(q, k, v, mask=mask, **options)
+        if kind == "nan_row":
+            out = right(q, k, v, mask=mask, **options)
+            return torch.where(torch.arange(q.shape[2]) == 3, torch.nan, 0.0)[:, None] + out
+        raise AssertionError(kind)
+
+    return conformance.Kernel(
+        fn, framework="torch", features=features | {"grad"}, name=kind, **declared
+    )
+
+
+def test_undeclared_dead_rows_are_left_out_and_declared_ones_are_checked():
+    case = conformance.case("fully_masked_rows")
+    lax = _torch_variant("average_dead_rows", {"mask"})
+    row = conformance.evaluate(lax, case, "float32")
+    assert row.status == "pass" and "rows that see no key left out" in row.note
+    strict = _torch_variant("average_dead_rows", {"mask", "fully_masked_rows"})
+    assert conformance.evaluate(strict, case, "float32").status == "FAIL"
+    # the live rows are still judged: a wrong live row fails with or without the declaration
+    nan = _torch_variant("nan_row", {"mask"})
+    assert conformance.evaluate(nan, case, "float32").status == "FAIL"
+
+
+def test_computes_in_judges_by_the_declared_precision():
+    case = conformance.case("basic")
+    plain = _torch_variant("float32_inside", set(), dtypes=("float64",))
+    assert conformance.evaluate(plain, case, "float64").status == "FAIL"
+    declared = _torch_variant(
+        "float32_inside", set(), dtypes=("float64",), computes_in={"float64": "float32"}
+    )
+    row = conformance.evaluate(declared, case, "float64")
+    assert row.status == "pass" and "judged as float32" in row.note
+
+
+def test_a_kernel_that_drops_the_bias_fails_the_bias_case():
+    kernel = _torch_variant("ignores_bias", {"bias"})
+    assert conformance.evaluate(kernel, conformance.case("bias"), "float32").status == "FAIL"
+    right = conformance.torch_sdpa_kernel("math")
+    assert conformance.evaluate(right, conformance.case("bias"), "float32").status == "pass"

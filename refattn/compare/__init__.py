@@ -1,8 +1,10 @@
 r"""``refattn compare torch|jax``: check a framework's own attention against refattn.
 
-The framework's *own* functions run over a grid of cases (shapes, n_q ≠ n_k, d_v ≠ d_k, masks,
-additive bias, causal alignment, GQA, fully masked rows, large logits, custom scale) in float64,
-float32, float16 and bfloat16:
+The framework's *own* functions run over the conformance suite's catalogue
+(:data:`refattn.testing.conformance.CASES`: shapes, n_q ≠ n_k, d_v ≠ d_k, masks, additive
+bias, both causal alignments, GQA, fully masked rows, windows, softcap, sinks, varlen, extreme
+logits, custom scale) in float64, float32, float16 and bfloat16, each as a conformance
+:class:`~refattn.testing.conformance.Kernel` that declares what the function can express:
 
 * torch: ``F.scaled_dot_product_attention`` on the default dispatch and on every SDPA backend
   the device has, chosen with ``torch.nn.attention.sdpa_kernel`` (CPU: math and the CPU flash
@@ -13,28 +15,28 @@ float32, float16 and bfloat16:
 * JAX: ``jax.nn.dot_product_attention`` (outputs, gradients and the logsumexp it returns with
   ``return_residual=True``), and ``flax.linen.dot_product_attention`` when flax is installed.
 
-Every output and gradient is checked against refattn's float64 result **for the same rounded
-inputs** with the FlashAttention rule of :mod:`refattn.testing`: error ≤ 2 × the error of a
-plain implementation in that dtype + 2 eps(dtype) max|reference|. The plain implementation is
-:func:`refattn.testing.lowp_attention_vjp_baseline` for SDPA (the worst of its three textbook
-softmax-VJP forms) and refattn's own float32 run for layers; float64 rows allow 3 × a plain
-float64 error estimated from float32 (:func:`refattn.testing.float64_baseline_error`); the
-floor of a parameter gradient is relative to the largest gradient of its affine map. A row is
-``pass``, ``warn`` (above the allowed error but within 4 × of it: an accuracy gap, not a
-semantic mismatch; it fails only with ``--strict``), ``FAIL`` or ``n/a``.
+Every SDPA row is :func:`refattn.testing.conformance.evaluate`: outputs, LSE and gradients
+against refattn's float64 result **for the same rounded inputs**, by the FlashAttention rule
+(error ≤ 2 × a plain implementation's error in that dtype + 2 eps(dtype) max|reference|; float64
+rows allow 3 × a plain float64 error estimated from float32). Layer rows use the same rule with
+refattn's own float32 run as the plain implementation; the floor of a parameter gradient is
+relative to the largest gradient of its affine map. A row is ``pass``, ``warn`` (above the
+allowed error but within 4 × of it: an accuracy gap, not a semantic mismatch; it fails only
+with ``--strict``), ``FAIL`` or ``n/a`` (a feature the function cannot express, or a case its
+backend refuses).
 
 Semantic differences (what a framework does on fully masked rows, how ``is_causal`` aligns when
-n_q ≠ n_k, what a boolean mask means) are **probed**: each is computed and the framework's
-behaviour classified from its actual output. Known behaviours that differ from refattn are
-reported, not failed; an unrecognized behaviour, or an error above the allowed one, is a failure
-and the exit status is 1. Cases a backend does not support are reported as ``n/a``.
+n_q ≠ n_k, what a boolean mask means, the precision of its float64 path) are **probed** first:
+each is computed and the behaviour classified from the framework's actual output, and the
+kernel is declared from it (rows that do not give refattn's 0 and -inf are left out of the
+comparison; a float64 path that computes in float32 is judged by the float32 rule). Known
+behaviours that differ from refattn are reported, not failed; an unrecognized behaviour, or an
+error above the allowed one, is a failure and the exit status is 1.
 
-The package: :mod:`.cases` (the grid), :mod:`.references` (refattn's float64 answers, the plain
-baselines and the rule applied to a row), :mod:`.rows` (framework-neutral rows and semantic
-probes over an adapter), one adapter per framework (:mod:`.torch_adapter`,
-:mod:`.jax_adapter`), :mod:`.report` (rows, probes, the table). An adapter has a ``name``, an
-``unsupported(case)`` reason or None, and ``run(case, inputs, ref, dtype, want_grads=True)``
-returning ``(out, (dq, dk, dv) or None, lse or None)`` in refattn's layout.
+The package: :mod:`.cases` (the quick grid, the dtypes), :mod:`.references` (masked-row
+classification and the layer rows' references and baselines), :mod:`.rows` (the probes and
+the SDPA rows over conformance kernels), one adapter per framework (:mod:`.torch_adapter`,
+:mod:`.jax_adapter`), :mod:`.report` (rows, probes, the table).
 """
 
 from __future__ import annotations
@@ -44,24 +46,23 @@ import sys
 import time
 from typing import IO
 
-from .cases import ATTENTION_CASES, DTYPES, FRAMEWORKS, WARN_FACTOR, AttentionCase, make_inputs
+from .cases import DTYPES, FRAMEWORKS, QUICK_CASES, WARN_FACTOR, attention_cases
 from .jax_adapter import compare_jax
 from .references import classify_masked_rows
 from .report import CompareReport, Probe, Row, Unavailable, print_report
 from .torch_adapter import LAYER_CASES, compare_torch
 
 __all__ = [
-    "ATTENTION_CASES",
     "DTYPES",
     "LAYER_CASES",
-    "AttentionCase",
+    "QUICK_CASES",
     "CompareReport",
     "Probe",
     "Row",
     "add_arguments",
+    "attention_cases",
     "classify_masked_rows",
     "compare",
-    "make_inputs",
     "print_report",
     "run",
 ]

@@ -8,25 +8,15 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from .._version import __version__
+from ..testing.conformance import Result
 from .cases import FACTOR, FLOOR_ULPS
 
 # ----------------------------------------------------------------------------- results
 
 
-@dataclass
-class Row:
-    """One line of the table: one implementation on one case in one dtype."""
-
-    case: str
-    impl: str
-    dtype: str
-    out_error: float = math.nan
-    out_allowed: float = math.nan
-    grad_error: float = math.nan
-    grad_allowed: float = math.nan
-    grad_name: str = ""
-    status: str = "pass"  # pass | warn | FAIL | n/a
-    note: str = ""
+#: one line of the table: one kernel on one case in one dtype (``status`` pass | warn | FAIL |
+#: n/a); the conformance suite's row, with the implementation in ``kernel``
+Row = Result
 
 
 @dataclass
@@ -92,18 +82,18 @@ def print_report(report: CompareReport, stream: IO[str] | None = None) -> None:
         file=out,
     )
     w_case = max([len("case"), *(len(r.case) for r in report.rows)])
-    w_impl = max([len("implementation"), *(len(r.impl) for r in report.rows)])
+    w_impl = max([len("implementation"), *(len(r.kernel) for r in report.rows)])
     header = (
         f"{'case':<{w_case}}  {'implementation':<{w_impl}}  {'dtype':<8}  {'out err':>9}  "
-        f"{'allowed':>9}  {'grad err':>9}  {'allowed':>9}  {'worst':<6}  {'status':<6}  note"
+        f"{'allowed':>9}  {'worst':<6}  {'error':>9}  {'allowed':>9}  {'status':<6}  note"
     )
     print(header, file=out)
     print("-" * len(header), file=out)
     for r in report.rows:
         print(
-            f"{r.case:<{w_case}}  {r.impl:<{w_impl}}  {r.dtype:<8}  {_fmt(r.out_error):>9}  "
-            f"{_fmt(r.out_allowed):>9}  {_fmt(r.grad_error):>9}  {_fmt(r.grad_allowed):>9}  "
-            f"{r.grad_name[:6]:<6}  {r.status:<6}  {r.note}",
+            f"{r.case:<{w_case}}  {r.kernel:<{w_impl}}  {r.dtype:<8}  {_fmt(r.out_error):>9}  "
+            f"{_fmt(r.out_allowed):>9}  {r.worst[:6]:<6}  {_fmt(r.worst_error):>9}  "
+            f"{_fmt(r.worst_allowed):>9}  {r.status:<6}  {r.note}",
             file=out,
         )
     print("\nKnown semantic differences (probed from the framework's actual output):", file=out)

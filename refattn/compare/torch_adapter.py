@@ -4,37 +4,27 @@ parameters and gradients read through :mod:`refattn.interop.torch`)."""
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np  # the comparison harness works on host copies; refattn ops run on NumPy
 
 from .. import _tree
-from ..ops.masks import causal_mask
-from ..testing import (
-    round_to_dtype,
-    run_in_dtype,
-)
-from .cases import ATTENTION_CASES, LAYER_DTYPES, AttentionCase, Inputs
+from ..testing import round_to_dtype, run_in_dtype
+from ..testing.conformance import TORCH_BACKENDS, Kernel, judge, quiet, torch_sdpa_kernel
+from .cases import DTYPES, LAYER_DTYPES, attention_cases
 from .references import (
     MASKED_ROWS_DETAIL,
     ROW_BEHAVIOURS,
-    Reference,
-    References,
-    as_dtype,
     behaviour_status,
     classify_masked_rows,
-    evaluate,
     layer_baseline,
     parameter_scales,
     tree_quantities,
 )
 from .report import CompareReport, Probe, Row, Unavailable
-from .rows import attention_probes, attention_rows, probe_case, probe_dtype
+from .rows import attention_probes, attention_rows, probe_dtype
 
 # ----------------------------------------------------------------------------- torch
 
@@ -48,95 +38,6 @@ def torch_to_numpy(t: Any) -> np.ndarray:
     from ..interop.dlpack import from_dlpack
 
     return np.asarray(from_dlpack(t.detach().cpu().contiguous(), copy=True))
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence the frameworks' warnings (kernel-selection notes, causal_lower_right's NaN note)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-class TorchSDPA:
-    """``F.scaled_dot_product_attention`` on one backend."""
-
-    def __init__(self, torch: Any, backend: str, device: str) -> None:
-        self.torch = torch
-        self.backend = backend
-        self.device = device
-        self.name = f"torch F.sdpa[{backend}]"
-
-    def unsupported(self, case: AttentionCase) -> str:
-        """Why ``case`` cannot be expressed with this function ("" when it can)."""
-        return ""
-
-    def context(self) -> Any:
-        if self.backend == "default":
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        enum = {
-            "math": SDPBackend.MATH,
-            "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION,
-        }[self.backend]
-        return sdpa_kernel([enum])
-
-    def run(
-        self,
-        case: AttentionCase,
-        inputs: Inputs,
-        ref: Reference,
-        dtype: str,
-        *,
-        mask: np.ndarray | None = None,
-        want_grads: bool = True,
-    ) -> tuple[np.ndarray, Any, None]:
-        """``(out, (dq, dk, dv) or None, None)`` on the reference's rounded inputs.
-
-        ``mask`` overrides the case's boolean mask (the probes use it). torch's SDPA returns no
-        logsumexp, hence the None.
-        """
-        torch = self.torch
-        import torch.nn.functional as F
-
-        tdtype = torch_dtype(torch, dtype)
-
-        def leaf(x: np.ndarray) -> Any:
-            t = torch.from_numpy(np.ascontiguousarray(x)).to(device=self.device, dtype=tdtype)
-            return t.requires_grad_(want_grads)
-
-        q, k, v = leaf(ref.q), leaf(ref.k), leaf(ref.v)
-        kwargs: dict[str, Any] = {}
-        attn_mask: Any = None
-        keep = inputs.mask if mask is None else mask
-        if case.causal == "lower_right_mask":
-            causal = causal_mask(case.n_q, case.n_k, "lower_right")
-            keep = causal if keep is None else keep & causal
-        if keep is not None:
-            attn_mask = torch.from_numpy(np.ascontiguousarray(keep)).to(self.device)
-        if ref.bias is not None:
-            attn_mask = torch.from_numpy(ref.bias).to(device=self.device, dtype=tdtype)
-        if case.causal == "lower_right_bias":
-            from torch.nn.attention.bias import causal_lower_right
-
-            with quiet():
-                attn_mask = causal_lower_right(case.n_q, case.n_k)
-        if case.causal == "upper_left":
-            kwargs["is_causal"] = True
-        if case.h_q != case.h_kv:
-            kwargs["enable_gqa"] = True
-        if case.scale is not None:
-            kwargs["scale"] = case.scale
-        with quiet(), self.context():
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
-            if not want_grads:
-                return torch_to_numpy(out), None, None
-            ct = torch.from_numpy(ref.cotangent).to(device=self.device, dtype=tdtype)
-            out.backward(ct)
-        return torch_to_numpy(out), tuple(torch_to_numpy(t.grad) for t in (q, k, v)), None
 
 
 def torch_mha_probes(torch: Any) -> list[Probe]:
@@ -202,18 +103,16 @@ def torch_mha_probes(torch: Any) -> list[Probe]:
     return probes
 
 
-def torch_backends(torch: Any, device: str, refs: References) -> tuple[list[str], list[str]]:
-    """SDPA backends that run at least one dtype on ``device``, and notes on the others."""
-    names = ["default", "math", "flash", "efficient", "cudnn"]
-    case = probe_case("basic")
-    inputs = refs.inputs(case)
+def torch_backends(device: str) -> tuple[list[Kernel], list[str]]:
+    """The SDPA backends that run at least one dtype on ``device`` (as conformance kernels in
+    every dtype), and notes on the others."""
     available, notes = [], []
-    for name in names:
-        impl = TorchSDPA(torch, name, device)
-        if probe_dtype(impl, case, inputs, refs) is None:
+    for name in TORCH_BACKENDS:
+        kernel = torch_sdpa_kernel(name, device=device, dtypes=DTYPES)
+        if probe_dtype(kernel) is None:
             notes.append(f"torch SDPA backend {name!r} is not available on {device}")
         else:
-            available.append(name)
+            available.append(kernel)
     return available, notes
 
 
@@ -356,11 +255,11 @@ def _torch_layer_row(torch: Any, case: _LayerCase, dtype: str, device: str, op: 
     references = {"out": ref_out}
     baselines = {"out": base_out}
     for name, c, r, b in zip(names, cand_grads, ref_grads, base_grads, strict=True):
-        candidates.update(tree_quantities(name, _tree.map_leaves(as_dtype(dtype), c)))
+        candidates.update(tree_quantities(name, _tree.map_leaves(lambda x: x.astype(dtype), c)))
         references.update(tree_quantities(name, r))
         baselines.update(tree_quantities(name, b))
-    row = Row(case.name, impl, dtype)
-    return evaluate(row, candidates, references, baselines, parameter_scales(references))
+    row = Row(case.name, dtype, kernel=impl)
+    return judge(row, candidates, references, baselines, scales=parameter_scales(references))
 
 
 def _torch_layer_rows(
@@ -382,14 +281,15 @@ def compare_torch(report: CompareReport, device: str, quick: bool, dtypes: tuple
     if device == "cuda" and not torch.cuda.is_available():
         raise Unavailable("torch reports no CUDA device (torch.cuda.is_available() is False)")
     report.notes.append(f"torch {torch.__version__}")
-    refs = References()
-    backends, notes = torch_backends(torch, device, refs)
+    kernels, notes = torch_backends(device)
     report.notes.extend(notes)
-    impls = [TorchSDPA(torch, b, device) for b in backends]
-    precision = attention_probes(report, impls, refs)
+    kernels, behaviours = attention_probes(report, kernels)
     report.probes.extend(torch_mha_probes(torch))
-    cases = [c for c in ATTENTION_CASES if c.quick or not quick]
     if quick:  # the quick grid: the default dispatch and the math backend only
-        impls = [i for i in impls if i.backend in ("default", "math")] or impls[:1]
-    attention_rows(report, impls, cases, dtypes, refs, precision)
+        kernels = [k for k in kernels if k.name in (_name("default"), _name("math"))] or kernels[:1]
+    attention_rows(report, kernels, attention_cases(quick), dtypes, behaviours)
     _torch_layer_rows(report, torch, device, quick, dtypes)
+
+
+def _name(backend: str) -> str:
+    return f"torch F.sdpa[{backend}]"

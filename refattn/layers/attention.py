@@ -34,7 +34,6 @@ query: masks and biases get a True/0 column for each, as torch pads its masks.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -49,6 +48,7 @@ from .basic import (
     affine_forward,
     array_leaves,
     batch_first_view,
+    batch_first_vjp,
     check_affine,
     check_input,
     check_size,
@@ -592,11 +592,7 @@ def _mha_bwd(
         dy, d_weights = cotangent
     else:
         dy, d_weights = cotangent, None
-    if batch_first:
-        return mha_backward(saved, dy, d_weights)
-    swap = functools.partial(swap_batch_and_sequence, saved.xp)
-    grads, *d_inputs = mha_backward(saved, None if dy is None else swap(dy), d_weights)
-    return grads, *(swap(d) for d in d_inputs)
+    return batch_first_vjp(mha_backward, saved, dy, batch_first, d_weights)
 
 
 multi_head_attention = Op(_mha_fwd, _mha_bwd, name="multi_head_attention", register=True)

@@ -22,8 +22,9 @@ are not the numbers torch's own RNG would draw.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -161,6 +162,20 @@ def batch_first_view(op: str, xp: ModuleType, batch_first: Any, **inputs: Any) -
     if batch_first:
         return list(inputs.values())
     return [swap_batch_and_sequence(xp, x) for x in inputs.values()]
+
+
+def batch_first_vjp(
+    backward: Callable[..., tuple[Any, ...]], saved: Any, dy: Any, batch_first: bool, *extra: Any
+) -> tuple[Any, ...]:
+    """``backward(saved, dy, *extra) -> (param_grads, *input_grads)``, written for refattn's
+    batch-first layout, for a call in either layout: a sequence-first call
+    (``batch_first=False``) swaps ``dy`` in and every input gradient out (``saved.xp`` is the
+    namespace)."""
+    if batch_first:
+        return backward(saved, dy, *extra)
+    swap = functools.partial(swap_batch_and_sequence, saved.xp)
+    grads, *d_inputs = backward(saved, None if dy is None else swap(dy), *extra)
+    return grads, *(swap(d) for d in d_inputs)
 
 
 def swap_batch_and_sequence(xp: ModuleType, x: Any) -> Any:

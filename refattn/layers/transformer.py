@@ -22,7 +22,6 @@ input gradient is the sum of its query, key and value gradients.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -41,6 +40,7 @@ from .attention import (
 from .basic import (
     array_leaves,
     batch_first_view,
+    batch_first_vjp,
     check_activation,
     check_eps,
     check_feed_forward,
@@ -496,11 +496,7 @@ def _encoder_bwd(saved: Any, dy: Array, /, *, batch_first: bool = True) -> tuple
     :func:`refattn.multi_head_attention` for each piece. Sequence-first calls
     (``batch_first=False``) swap ``dy`` and ``dx`` around it.
     """
-    if batch_first:
-        return encoder_backward(saved, dy)
-    swap = functools.partial(swap_batch_and_sequence, saved.xp)
-    grads, dx = encoder_backward(saved, swap(dy))
-    return grads, swap(dx)
+    return batch_first_vjp(encoder_backward, saved, dy, batch_first)
 
 
 transformer_encoder_layer = Op(
@@ -771,11 +767,7 @@ def _decoder_bwd(
     contributing ``dh_{i-1} = dh_i + LN_i^*(f_i^*(D_i dh_i))``. The memory is both key and
     value of the cross-attention, so its gradient is the sum of those two.
     """
-    if batch_first:
-        return decoder_backward(saved, dy)
-    swap = functools.partial(swap_batch_and_sequence, saved.xp)
-    grads, dx, d_memory = decoder_backward(saved, swap(dy))
-    return grads, swap(dx), swap(d_memory)
+    return batch_first_vjp(decoder_backward, saved, dy, batch_first)
 
 
 transformer_decoder_layer = Op(

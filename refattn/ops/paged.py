@@ -30,7 +30,7 @@ from typing import Any
 
 from .._backend import describe, device_of, namespace, to_host
 from .._op import Op
-from .sdpa import scaled_dot_product_attention
+from .sdpa import refuse_options, scaled_dot_product_attention
 
 __all__ = ["paged_attention"]
 
@@ -119,14 +119,13 @@ def _paged_fwd(
     out : (B, Hq, n_q, d_v), or ``(out, lse)``
     """
     xp = namespace(q, k_cache, v_cache)
-    for name in ("mask", "bias", "dropout_mask", "query_lengths", "key_lengths", "sinks"):
-        if options.get(name) is not None:
-            raise ValueError(
-                f"refattn.{_OP}: {name} is not an option here; gather the keys and call "
-                "scaled_dot_product_attention for it"
-            )
-    if options.get("return_weights"):
-        raise ValueError(f"refattn.{_OP}: return_weights is not supported")
+    refuse_options(
+        _OP,
+        options,
+        ("mask", "bias", "dropout_mask", "query_lengths", "key_lengths", "sinks"),
+        "gather the keys and call scaled_dot_product_attention for it",
+        "the weights of gathered pages",
+    )
     alignment = options.pop("causal_alignment", "lower_right")
     if alignment != "lower_right":
         raise ValueError(

@@ -27,7 +27,7 @@ from typing import Any
 
 from .._backend import device_of, namespace, to_host
 from .._op import Op, vjp
-from .sdpa import scaled_dot_product_attention
+from .sdpa import refuse_options, scaled_dot_product_attention
 
 __all__ = ["varlen_attention"]
 
@@ -104,14 +104,14 @@ def _varlen_fwd(
     out : (total_q, Hq, d_v), or ``(out, lse)``
     """
     xp = namespace(q, k, v)
-    for name in ("mask", "bias", "dropout_mask", "query_lengths", "key_lengths"):
-        if options.get(name) is not None:
-            raise ValueError(
-                f"refattn.{_OP}: {name} is not an option here (it is shaped like a padded "
-                "batch); pad the sequences and call scaled_dot_product_attention instead"
-            )
-    if options.get("return_weights"):
-        raise ValueError(f"refattn.{_OP}: return_weights is not supported (ragged weights)")
+    refuse_options(
+        _OP,
+        options,
+        ("mask", "bias", "dropout_mask", "query_lengths", "key_lengths"),
+        "it is shaped like a padded batch: pad the sequences and call "
+        "scaled_dot_product_attention instead",
+        "ragged weights",
+    )
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         raise ValueError(
             f"refattn.{_OP}: q, k and v must be packed (tokens, heads, features), got q "

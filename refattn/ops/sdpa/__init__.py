@@ -2,7 +2,7 @@
 
 from .op import scaled_dot_product_attention
 from .plan import DEFAULT_BLOCK, Pattern
-from .problem import DEFAULT_MEMORY_BUDGET, Problem, dropout_scale, prepare
+from .problem import DEFAULT_MEMORY_BUDGET, Problem, dropout_scale, prepare, refuse_options
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -11,5 +11,6 @@ __all__ = [
     "Problem",
     "dropout_scale",
     "prepare",
+    "refuse_options",
     "scaled_dot_product_attention",
 ]

@@ -418,6 +418,19 @@ def check_score_options(
     return cap, window
 
 
+def refuse_options(
+    op: str, options: dict[str, Any], names: tuple[str, ...], advice: str, weights: str
+) -> None:
+    """ValueError for the first of ``names`` that ``options`` sets (not None), with ``advice``,
+    and for ``return_weights`` (``weights`` says why): the SDPA options a wrapper of SDPA over
+    another layout (packed, paged) cannot pass through."""
+    for name in names:
+        if options.get(name) is not None:
+            raise ValueError(f"refattn.{op}: {name} is not an option here; {advice}")
+    if options.get("return_weights"):
+        raise ValueError(f"refattn.{op}: return_weights is not supported ({weights})")
+
+
 def check_lengths(
     op: str,
     scores_shape: tuple[int, ...],

@@ -237,6 +237,13 @@ def _check_grads(op: Op, primals: tuple[Any, ...], grads: Any) -> tuple[Any, ...
                     )
                 continue
             where = f"gradient {i}{'.' + path if path else ''}"
+            if isinstance(pl, (int, float)):  # a Python number (a learnable softcap): its
+                if tuple(gl.shape) != ():  # gradient is a 0-d array of the call's dtype
+                    raise RuntimeError(
+                        f"refattn.vjp({op.name}): {where} has shape {tuple(gl.shape)}, its "
+                        "primal is a number"
+                    )
+                continue
             if tuple(pl.shape) != tuple(gl.shape):
                 raise RuntimeError(
                     f"refattn.vjp({op.name}): {where} has shape {tuple(gl.shape)}, its primal "

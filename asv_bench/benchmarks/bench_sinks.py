@@ -5,8 +5,11 @@ differentiates gpt-oss's per-head sink logits (an ``O(n d)`` rescaling after the
 ``O(n)`` gradient, so its cost should be within noise of plain); "bias" differentiates a
 learnable ``(H, 1, n)`` key bias (each tile's ``dS`` summed over its rows into the bias
 gradient: one more pass over the computed scores), "bias_option" passes the same bias as an
-option (no gradient), "plain" has neither. ``track_sinks_over_plain`` and
-``track_bias_over_bias_option`` time them alternately in this process (median of 3 each).
+option (no gradient), "plain" has neither; "softcap" differentiates a learnable softcap ``c``
+(the sixth primal: one more pass over each tile's ``dB``, with an ``atanh``) and
+"softcap_option" passes ``softcap=`` as the constant. ``track_sinks_over_plain``,
+``track_bias_over_bias_option`` and ``track_softcap_over_softcap_option`` time them
+alternately in this process (median of 3 each).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 from .common import randn
 
 H, N, D = 8, 2048, 64
+SOFTCAP = 20.0
 
 
 def _inputs():
@@ -38,6 +42,10 @@ def _run(how, implementation, q, k, v, d_out, bias, sinks):
         _, pullback = refattn.vjp(sdpa, q, k, v, None, sinks, **opts)
     elif how == "bias_option":
         _, pullback = refattn.vjp(sdpa, q, k, v, bias=bias, **opts)
+    elif how == "softcap_option":
+        _, pullback = refattn.vjp(sdpa, q, k, v, softcap=SOFTCAP, **opts)
+    elif how == "softcap":
+        _, pullback = refattn.vjp(sdpa, q, k, v, None, None, SOFTCAP, **opts)
     else:
         _, pullback = refattn.vjp(sdpa, q, k, v, bias, **opts)
     pullback(d_out)
@@ -60,8 +68,8 @@ class Sinks:
 
 
 class SinksRatio:
-    """Learnable sinks' time over plain and a learnable bias's over the same bias as an option,
-    measured alternately (tiled kernel)."""
+    """Learnable sinks' time over plain, a learnable bias's over the same bias as an option and
+    a learnable softcap's over the constant one, measured alternately (tiled kernel)."""
 
     timeout = 900
     unit = "ratio"
@@ -72,7 +80,8 @@ class SinksRatio:
 
     def _times(self):
         if self.times is None:
-            times = {"plain": [], "sinks": [], "bias_option": [], "bias": []}
+            hows = ("plain", "sinks", "bias_option", "bias", "softcap_option", "softcap")
+            times: dict[str, list[float]] = {how: [] for how in hows}
             for _ in range(3):
                 for how in times:
                     start = time.perf_counter()
@@ -88,3 +97,7 @@ class SinksRatio:
     def track_bias_over_bias_option(self):
         t = self._times()
         return t["bias"] / t["bias_option"]
+
+    def track_softcap_over_softcap_option(self):
+        t = self._times()
+        return t["softcap"] / t["softcap_option"]

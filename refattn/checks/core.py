@@ -139,7 +139,9 @@ def sdpa_make(
             options["window"] = flags["window"]
         if flags.get("sink_tokens"):
             options["sink_tokens"] = flags["sink_tokens"]
-        if flags.get("softcap"):
+        if flags.get("softcap") == "primal":  # a learnable cap (the 6th primal, after sinks)
+            primals.append(np.asarray(1.5))
+        elif flags.get("softcap"):
             options["softcap"] = flags["softcap"]
         if flags.get("causal"):
             options["is_causal"] = True
@@ -164,8 +166,8 @@ def _reference_attention(ops: dict[str, Any], primals, options):
     ``ops`` maps: ``asarray``, ``where``, ``softmax``, ``logsumexp``, ``any_last``,
     ``repeat_heads``, ``transpose_last``, ``expand_last`` (add a trailing axis), ``tanh``,
     ``exp``, ``logaddexp`` for torch or JAX. ``primals`` are ``(q, k, v)``, with a learnable
-    ``bias`` and ``sinks`` (one logit per query head in each row's denominator, no value) when
-    given positionally.
+    ``bias``, ``sinks`` (one logit per query head in each row's denominator, no value) and
+    ``softcap`` when given positionally.
     """
     q, k, v = primals[:3]
     bias = primals[3] if len(primals) > 3 else options.get("bias")
@@ -177,8 +179,8 @@ def _reference_attention(ops: dict[str, Any], primals, options):
         v = ops["repeat_heads"](v, h_q // v.shape[-3])
     scale = options.get("scale") or 1.0 / math.sqrt(q.shape[-1])
     s = (q @ ops["transpose_last"](k)) * scale
-    cap = options.get("softcap")
-    if cap:
+    cap = primals[5] if len(primals) > 5 else options.get("softcap")
+    if cap is not None:
         s = cap * ops["tanh"](s / cap)
     if bias is not None:
         s = s + bias
@@ -290,6 +292,9 @@ _SDPA_CASES = {
         (2, 4, 3), bias="primal", bias_shape=(2, 4, 4), softcap=1.5, causal="upper_left"
     ),
     "sinks": sdpa_make((2, 3, 4, 2), bias="primal", sinks=True, lse=True),
+    "learnable_softcap": sdpa_make(
+        (2, 2, 4, 3), bias="primal", sinks=True, softcap="primal", causal="lower_right", lse=True
+    ),
     "sinks_gqa_causal_window": sdpa_make(
         (1, 4, 5, 2),
         kv_heads=2,

@@ -21,7 +21,7 @@ from ..._runtime import n_threads, parallel_map
 from ..entmax import normalize_backward, normalize_forward
 from ..softmax import slice_max
 from .problem import Problem
-from .scores import BiasGradient, ScoreChain, masked_scores_and_slope, tile
+from .scores import ScoreChain, ScoreGradients, masked_scores_and_slope, tile
 
 __all__ = [
     "Block",
@@ -162,7 +162,7 @@ def _backward_block(
     d_o: Array | None,
     d_p: Array | None,
     d_lse: Array | None,
-    bias_grad: BiasGradient | None = None,
+    bias_grad: ScoreGradients | None = None,
 ) -> tuple[Array, Array, Array]:
     """Rows ``r0:r1`` of the backward: ``(dQ rows, dK part, dV part)``; ``dS`` into
     ``bias_grad`` when the bias is learnable.
@@ -213,7 +213,7 @@ def _backward_block(
     if blk.chain is not None:
         t = blk.chain.to_bias(t)  # the VJP is linear: it commutes with the 1 / l
     if bias_grad is not None:
-        bias_grad.add(t * inv_l, None, r0, r1, 0, pb.n_k)  # dB = t / l
+        bias_grad.add(t * inv_l, blk.chain, None, r0, r1, 0, pb.n_k)  # dB = t / l
     if blk.chain is not None:
         t = blk.chain.to_scores(t)
     q_scaled = q * (inv_l * pb.scale)
@@ -229,7 +229,7 @@ def backward_blocks(
     d_o: Array | None,
     d_p: Array | None,
     d_lse: Array | None,
-    bias_grad: BiasGradient | None = None,
+    bias_grad: ScoreGradients | None = None,
 ) -> tuple[Array, Array, Array]:
     """The whole backward from the forward's blocks: ``(dQ, dK, dV)``, canonical (and ``dB``
     into ``bias_grad``).
@@ -286,7 +286,7 @@ class MaterializedResiduals:
         d_o: Array | None,
         d_p: Array | None,
         d_lse: Array | None,
-        bias_grad: BiasGradient | None = None,
+        bias_grad: ScoreGradients | None = None,
     ) -> tuple[Array, Array, Array]:
         """Canonical ``(dQ, dK, dV)`` from canonical cotangents (see :func:`backward_blocks`)."""
         return backward_blocks(self.pb, self.blocks, self.o, d_o, d_p, d_lse, bias_grad)

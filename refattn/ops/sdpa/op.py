@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..._backend import device_of
 from ..._op import Op
 from . import materialized, tiled
 from .problem import prepare
-from .scores import BiasGradient
+from .scores import ScoreGradients
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -37,6 +38,7 @@ def _sdpa_fwd(
     /,
     bias: Array | None = None,
     sinks: Array | None = None,
+    softcap: float | Array | None = None,
     *,
     mask: Array | None = None,
     is_causal: bool = False,
@@ -48,7 +50,6 @@ def _sdpa_fwd(
     query_lengths: Any = None,
     key_lengths: Any = None,
     scale: float | None = None,
-    softcap: float | None = None,
     dropout_mask: Array | None = None,
     dropout_p: float = 0.0,
     normalizer: str = "softmax",
@@ -89,6 +90,13 @@ def _sdpa_fwd(
         ``1 - e^{σ - lse}``. The returned LSE includes it, and a row that sees no key has
         ``lse = σ`` and output 0. Positional: a primal with its gradient
         ``dσ = Σ_{b,i} p_σi (dlse_i - Δ_i)``; ``sinks=``: not differentiated.
+    softcap : float > 0 (or a 0-d array), optional
+        Caps the scaled scores at ``±c`` smoothly, ``c tanh(x / c)``, before the bias and the
+        mask (Gemma 2; FlashAttention's ``softcap``, whose 0 means off, as None and 0 do here).
+        ``softcap=c`` is a constant, as in those; given positionally (the sixth primal, after
+        ``bias`` and ``sinks``, which may be None) it is learnable and ``vjp`` returns
+        ``dc = Σ dB ∘ (t - (x/c)(1 - t²))``, ``t = tanh(x/c)``, as a 0-d array (0 there, a
+        cap that is off, gets a zero gradient).
     mask : bool, broadcastable to (..., Hq, n_q, n_k)
         True = attend (the ``torch.nn.functional.scaled_dot_product_attention`` and
         ``jax.nn.dot_product_attention`` meaning).
@@ -133,9 +141,6 @@ def _sdpa_fwd(
         tiles that no sequence sees. Packed sequences: :func:`refattn.varlen_attention`.
     scale : float, optional
         Defaults to ``1 / sqrt(d_k)``.
-    softcap : float > 0, optional
-        Caps the scaled scores at ``±c`` smoothly, ``c tanh(x / c)``, before the bias and the
-        mask (Gemma 2; FlashAttention's ``softcap``, whose 0 means off, as None and 0 do here).
     dropout_mask : bool or float, broadcastable to (..., Hq, n_q, n_k)
         True/1 = keep. Kept weights are multiplied by ``1 / (1 - dropout_p)``. There is no RNG in
         refattn's ops: the caller draws the mask, so results are reproducible.
@@ -234,7 +239,10 @@ def _sdpa_bwd(
         dQ &= \mathrm{scale}\cdot dS\,K, \qquad dK = \mathrm{scale}\cdot dS^\top Q .
 
     With a softcap, :math:`dQ` and :math:`dK` take :math:`dS \circ (1 - \tanh^2(x / c))`, the
-    cap's derivative at the scaled score :math:`x`. ``dS = P o (dP - Delta)`` is the softmax
+    cap's derivative at the scaled score :math:`x`; a learnable cap gets
+    :math:`dc = \sum dS \circ \partial_c[c \tanh(x/c)] = \sum dS \circ (t - (x/c)(1 - t^2))`,
+    :math:`t = \tanh(x/c)` (before a score modifier's VJP: :math:`dS` there is the gradient at
+    the modifier's input). ``dS = P o (dP - Delta)`` is the softmax
     VJP row by row; ``d lse_i / d S_ij = P_ij``. With
     GQA, the rows of a group are stacked as ``(g * n_q)`` rows against one K, so ``dK`` and
     ``dV`` sum the group's contributions inside the GEMM. Masked entries have ``P = 0``, hence
@@ -247,16 +255,21 @@ def _sdpa_bwd(
     """
     pb = residuals.pb
     d_o, d_p, d_l = pb.cotangents(cotangent, return_weights=return_weights, return_lse=return_lse)
-    bias_grad = BiasGradient(pb) if n_primals >= 4 and pb.bias is not None else None
-    grads = pb.gradients(*residuals.vjp(d_o, d_p, d_l, bias_grad))
+    learn_bias = n_primals >= 4 and pb.bias is not None
+    learn_cap = n_primals >= 6 and pb.softcap is not None
+    learned = ScoreGradients(pb, bias=learn_bias, softcap=learn_cap)
+    grads = pb.gradients(*residuals.vjp(d_o, d_p, d_l, learned if learned.active else None))
     if n_primals == 3:
         return grads
-    d_bias = None if bias_grad is None else pb.bias_gradient(bias_grad.grad)
+    d_bias = pb.bias_gradient(learned.bias) if learn_bias else None
     d_sinks = None
-    if n_primals == 5 and pb.sinks is not None:
+    if n_primals >= 5 and pb.sinks is not None:
         weights = residuals.weights() if d_p is not None else None
         d_sinks = pb.sinks_gradient(residuals.o, residuals.lse, weights, d_o, d_p, d_l)
-    return (*grads, d_bias, d_sinks)[:n_primals]
+    d_cap = learned.softcap
+    if n_primals >= 6 and d_cap is None and pb.softcap_given:  # a cap of 0 is off: flat
+        d_cap = pb.xp.zeros((), dtype=pb.q.dtype, device=device_of(pb.q))
+    return (*grads, d_bias, d_sinks, d_cap)[:n_primals]
 
 
 scaled_dot_product_attention = Op(

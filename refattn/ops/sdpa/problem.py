@@ -63,7 +63,8 @@ class Problem:
         the indices), or None; applied in :func:`~refattn.ops.sdpa.scores.masked_scores`
     drop : dropout multiplier ``mask / (1 - p)`` broadcastable like ``bias``, or None
     scale : Python float
-    softcap : Python float > 0, or None (no cap)
+    softcap : Python float > 0, or None (no cap); ``softcap_given``: a value was passed (0, "off",
+        included), so a positional (learnable) one gets a gradient
     normalizer : "softmax", "sparsemax" or "entmax" (the latter two: materialized only)
     alpha : Python float in [1, 2] for "entmax", else None
     implementation : "materialized" or "tiled" ("auto" is resolved here)
@@ -98,6 +99,7 @@ class Problem:
     bias_shape: tuple[int, ...] | None = None
     score_mod: Any = None
     mask_mod: Any = None
+    softcap_given: bool = False
 
     @property
     def n_q(self) -> int:
@@ -294,6 +296,7 @@ def prepare(
     n_k, d_v = int(k.shape[-2]), int(v.shape[-1])
     scores_shape = (*batch, h_q, n_q, n_k) if not two_d else (n_q, n_k)
     scale = _check_scale(op, scale, d_k)
+    softcap_given = softcap is not None  # 0 is "off", but a given (learnable) value
     softcap, window = check_score_options(
         op,
         xp,
@@ -351,6 +354,7 @@ def prepare(
         mask_mod=mask_mod,
         scale=scale,
         softcap=softcap,
+        softcap_given=softcap_given,
         normalizer=normalizer,
         alpha=alpha,
         implementation=chosen,

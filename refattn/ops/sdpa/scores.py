@@ -37,8 +37,8 @@ from .plan import DEFAULT_BLOCK, Heads, Lengths, Pattern
 from .problem import Problem
 
 __all__ = [
-    "BiasGradient",
     "ScoreChain",
+    "ScoreGradients",
     "full_keep",
     "heads_of",
     "index_grids",
@@ -122,27 +122,39 @@ class ScoreChain:
 
     With ``S = mod(cap(x) + B)``: :meth:`to_bias` applies the score modifier's VJP
     (``dB = mod^*(dS)``, the identity without one), then :meth:`to_scores` the cap's slope
-    ``1 - tanh^2(x / c)`` (``dx = dB \circ slope``), whose gradient gives ``dQ`` and ``dK``.
+    ``1 - t^2`` with ``t = tanh(x / c)`` (``dx = dB \circ (1 - t^2)``), whose gradient gives
+    ``dQ`` and ``dK``; :meth:`cap_derivative` is ``∂cap/∂c`` for a learnable cap. ``tanh``
+    holds ``t`` (None without a cap).
     """
 
-    def __init__(self, slope: Array | None = None, mod_vjp: Any = None) -> None:
-        self.slope, self.mod_vjp = slope, mod_vjp
+    def __init__(self, tanh: Array | None = None, mod_vjp: Any = None) -> None:
+        self.tanh, self.mod_vjp = tanh, mod_vjp
 
     def to_bias(self, d_s: Array) -> Array:
         return d_s if self.mod_vjp is None else self.mod_vjp(d_s)
 
     def to_scores(self, d_b: Array) -> Array:
         """``d_b`` times the cap's slope (in place, unless it came from a score modifier)."""
-        if self.slope is None:
+        if self.tanh is None:
             return d_b
+        slope = 1.0 - self.tanh * self.tanh
         if self.mod_vjp is not None:
-            return d_b * self.slope
-        d_b *= self.slope
+            return d_b * slope
+        d_b *= slope
         return d_b
+
+    def cap_derivative(self, xp: Any) -> Array:
+        r"""``∂/∂c [c tanh(x/c)] = t - (x/c)(1 - t^2)``, with ``x/c = atanh(t)``: the product
+        ``atanh(t)(1 - t^2)`` is well conditioned (its error is an ulp of ``t``), and where
+        ``t`` rounded to ±1 it is 0 to rounding (``|x/c| > 19`` in float64)."""
+        t = self.tanh
+        saturated = xp.abs(t) >= 1.0
+        u = xp.atanh(xp.where(saturated, xp.zeros_like(t), t))
+        return t - u * (1.0 - t * t)
 
     @property
     def identity(self) -> bool:
-        return self.slope is None and self.mod_vjp is None
+        return self.tanh is None and self.mod_vjp is None
 
 
 def index_grids(
@@ -188,14 +200,15 @@ def _pipeline(
 ) -> tuple[Array, ScoreChain | None]:
     xp = pb.xp
     c1 = pb.n_k if c1 is None else c1
-    slope = mod_vjp = None
+    tanh = mod_vjp = None
     if pb.softcap is not None:
         cap = pb.softcap * unit
         t = xp.tanh(s / cap)
-        if want_slope:
-            slope = 1.0 - t * t
-        s = t
-        s *= cap
+        if want_slope:  # the backward's chain keeps t
+            tanh, s = t, t * cap
+        else:
+            s = t
+            s *= cap
     bias = tile(pb.bias, hc, r0, r1, c0, c1)
     if bias is not None:
         s += bias if unit == 1.0 else bias * unit
@@ -217,7 +230,7 @@ def _pipeline(
         keep = modded if keep is None else xp.logical_and(keep, modded)
     if keep is not None:
         s = xp.where(keep, s, -math.inf)
-    return s, (ScoreChain(slope, mod_vjp) if want_slope else None)
+    return s, (ScoreChain(tanh, mod_vjp) if want_slope else None)
 
 
 def _modified(
@@ -323,30 +336,58 @@ def full_keep(pb: Problem) -> Array | None:
     return structured if pb.keep is None else xp.logical_and(pb.keep, structured)
 
 
-class BiasGradient:
-    r"""The gradient of a learnable bias, accumulated tile by tile: ``dB = dS`` summed over the
-    bias's broadcast axes (``S = cap(scale Q Kᵀ) + B``, so ``∂S/∂B = 1``).
+class ScoreGradients:
+    r"""The gradients of the score pipeline's learnable parameters, accumulated tile by tile
+    from ``dB``, the gradient at ``cap(x) + B`` (``S = mod(cap(x) + B)``):
 
-    ``grad`` has the canonical bias's shape ``(B|1, Hkv|1, g|1, n_q|1, n_k|1)``. Tiles of one
-    call may add to the same entries from several threads (a bias shared by rows or heads), so
-    :meth:`add` takes a lock.
+    * a learnable bias: ``dB`` summed over the bias's broadcast axes (``∂S/∂B = 1`` before
+      the modifier); ``bias`` has the canonical shape ``(B|1, Hkv|1, g|1, n_q|1, n_k|1)``;
+    * a learnable softcap ``c``: ``dc = Σ dB ∘ ∂cap/∂c`` over every kept score,
+      ``∂/∂c [c tanh(x/c)] = t - (x/c)(1 - t^2)`` (:meth:`ScoreChain.cap_derivative`);
+      ``softcap`` is a 0-d array.
+
+    Tiles of one call may add to the same entries from several threads (a bias shared by rows
+    or heads, the one cap), so :meth:`add` takes a lock.
     """
 
-    def __init__(self, pb: Problem) -> None:
-        self.xp = pb.xp
-        self.grad = pb.xp.zeros_like(pb.bias)
+    def __init__(self, pb: Problem, *, bias: bool, softcap: bool) -> None:
+        xp = self.xp = pb.xp
+        self.bias = xp.zeros_like(pb.bias) if bias else None
+        self.softcap = xp.zeros((), dtype=pb.q.dtype, device=device_of(pb.q)) if softcap else None
         self._lock = threading.Lock()
 
-    def add(self, d_s: Array, hc: Heads | None, r0: int, r1: int, c0: int, c1: int) -> None:
-        """Add one tile's ``dS`` ``(b, h, g, r, c)`` (heads ``hc``, rows ``r0:r1``, keys
-        ``c0:c1``)."""
-        xp, grad = self.xp, self.grad
-        axes = tuple(i for i in range(5) if grad.shape[i] == 1 and d_s.shape[i] != 1)
-        part = xp.sum(d_s, axis=axes, keepdims=True) if axes else d_s
-        b = slice(None) if grad.shape[0] == 1 or hc is None else slice(hc.b0, hc.b1)
-        h = slice(None) if grad.shape[1] == 1 or hc is None else slice(hc.h0, hc.h1)
-        r = slice(None) if grad.shape[3] == 1 else slice(r0, r1)
-        c = slice(None) if grad.shape[4] == 1 else slice(c0, c1)
-        index = (b, h, slice(None), r, c)
+    def add(
+        self,
+        d_b: Array,
+        chain: ScoreChain | None,
+        hc: Heads | None,
+        r0: int,
+        r1: int,
+        c0: int,
+        c1: int,
+    ) -> None:
+        """Add one tile's ``dB`` ``(b, h, g, r, c)`` (heads ``hc``, rows ``r0:r1``, keys
+        ``c0:c1``; ``chain`` the tile's, for the cap)."""
+        xp = self.xp
+        d_c = None
+        if self.softcap is not None and chain is not None and chain.tanh is not None:
+            d_c = xp.sum(d_b * chain.cap_derivative(xp))
+        part = index = None
+        if self.bias is not None:
+            grad = self.bias
+            axes = tuple(i for i in range(5) if grad.shape[i] == 1 and d_b.shape[i] != 1)
+            part = xp.sum(d_b, axis=axes, keepdims=True) if axes else d_b
+            b = slice(None) if grad.shape[0] == 1 or hc is None else slice(hc.b0, hc.b1)
+            h = slice(None) if grad.shape[1] == 1 or hc is None else slice(hc.h0, hc.h1)
+            r = slice(None) if grad.shape[3] == 1 else slice(r0, r1)
+            c = slice(None) if grad.shape[4] == 1 else slice(c0, c1)
+            index = (b, h, slice(None), r, c)
         with self._lock:
-            grad[index] = grad[index] + part
+            if part is not None:
+                self.bias[index] = self.bias[index] + part
+            if d_c is not None:
+                self.softcap = self.softcap + d_c
+
+    @property
+    def active(self) -> bool:
+        return self.bias is not None or self.softcap is not None

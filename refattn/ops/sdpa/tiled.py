@@ -83,8 +83,8 @@ from . import plan as tile_plans
 from .plan import Heads, Plan, default_block, plan_tiles
 from .problem import Problem
 from .scores import (
-    BiasGradient,
     ScoreChain,
+    ScoreGradients,
     heads_of,
     masked_scores,
     masked_scores_and_slope,
@@ -691,7 +691,7 @@ def tiled_backward(
     d_o: Array | None,
     d_w: Array | None = None,
     d_lse: Array | None = None,
-    bias_grad: BiasGradient | None = None,
+    bias_grad: ScoreGradients | None = None,
 ) -> tuple[Array, Array, Array]:
     """LSE-recompute backward: ``(dQ, dK, dV)`` in the canonical layout (and each tile's
     ``dS`` into ``bias_grad`` when the bias is learnable).
@@ -769,7 +769,7 @@ def _backward_unit(
     d_k: Array,
     d_v: Array,
     keys: AugmentedKeys,
-    bias_grad: BiasGradient | None = None,
+    bias_grad: ScoreGradients | None = None,
 ) -> Array:
     r"""Rows ``r0:r1`` of heads ``hc``: returns their ``dQ``, adds into ``d_k``, ``d_v``.
 
@@ -851,7 +851,7 @@ def _backward_unit(
         if chain is not None:
             d_p = chain.to_bias(d_p)
         if bias_grad is not None:
-            bias_grad.add(d_p, hc, r0, r1, c0, c1)  # dB, before the cap's slope
+            bias_grad.add(d_p, chain, hc, r0, r1, c0, c1)  # dB, before the cap's slope
         if chain is not None:
             d_p = chain.to_scores(d_p)
         d_s = _merge(xp, d_p)
@@ -903,7 +903,7 @@ class TiledResiduals:
         d_o: Array | None,
         d_w: Array | None = None,
         d_lse: Array | None = None,
-        bias_grad: BiasGradient | None = None,
+        bias_grad: ScoreGradients | None = None,
     ) -> tuple[Array, Array, Array]:
         """Canonical ``(dQ, dK, dV)`` from canonical cotangents (see :func:`tiled_backward`)."""
         return tiled_backward(self.pb, self.plan, self.o, self.lse, d_o, d_w, d_lse, bias_grad)

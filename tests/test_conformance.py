@@ -195,3 +195,32 @@ def test_a_kernel_that_drops_the_bias_fails_the_bias_case():
     assert conformance.evaluate(kernel, conformance.case("bias"), "float32").status == "FAIL"
     right = conformance.torch_sdpa_kernel("math")
     assert conformance.evaluate(right, conformance.case("bias"), "float32").status == "pass"
+
+
+def test_a_kernel_behind_dlpack_is_a_numpy_kernel():
+    """A foreign kernel (here torch's math SDPA, reached only through DLPack, as a C kernel
+    would be) declared as a NumPy kernel with its own vjp: the suite runs it and passes it."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    def foreign(*arrays):
+        return [torch.from_dlpack(np.ascontiguousarray(x)) for x in arrays]
+
+    def fn(q, k, v, is_causal=False, causal_alignment="upper_left"):
+        tq, tk, tv = foreign(q, k, v)
+        out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=is_causal)
+        return np.from_dlpack(out.contiguous())
+
+    def vjp(q, k, v, d_out, is_causal=False, causal_alignment="upper_left"):
+        tq, tk, tv, td = foreign(q, k, v, d_out)
+        leaves = [t.requires_grad_() for t in (tq, tk, tv)]
+        out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=is_causal)
+        return tuple(np.from_dlpack(g) for g in torch.autograd.grad(out, leaves, td))
+
+    kernel = conformance.Kernel(
+        fn, framework="numpy", features={"causal", "grad"}, dtypes=("float64", "float32"), vjp=vjp
+    )
+    report = conformance.run(kernel)
+    assert not report.failures, report.table()
+    ran = {r.case for r in report.results if r.status == "pass"}
+    assert ran == {"basic", "causal"}  # the others need features it does not declare

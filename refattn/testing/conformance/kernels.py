@@ -323,19 +323,8 @@ def torch_sdpa_kernel(
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
 
     sdpa.__name__ = f"torch F.sdpa[{backend}]"
-    features = {
-        "mask",
-        "bias",
-        "causal",
-        "causal_lower_right",
-        "gqa",
-        "cross",
-        "d_v",
-        "scale",
-        "extreme_logits",
-        "grad",
-        "fully_masked_rows",
-    }
+    # what torch's SDPA cannot express (it returns no LSE either)
+    features = FEATURES - {"window", "softcap", "sinks", "varlen", "lse"}
     return Kernel(sdpa, framework="torch", features=features, dtypes=dtypes, device=device)
 
 
@@ -384,18 +373,10 @@ def jax_kernel(
         return out, jax.numpy.swapaxes(lse, 1, 2)  # (B, S, H) -> (B, H, S)
 
     attention.__name__ = f"jax.nn.dot_product_attention[{implementation or 'default'}]"
-    features = {
-        "mask",
-        "bias",
-        "causal",
-        "gqa",
-        "cross",
-        "scale",
-        "window",
-        "extreme_logits",
-        "lse",
-        "grad",
-    }
+    # what it cannot express: its dead rows are not refattn's, is_causal is upper-left only,
+    # it needs d_v == d, and it has no softcap, sinks or (lower-right) varlen
+    lacks = {"fully_masked_rows", "causal_lower_right", "d_v", "softcap", "sinks", "varlen"}
+    features = FEATURES - lacks
     return Kernel(
         attention,
         framework="jax",

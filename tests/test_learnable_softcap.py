@@ -134,6 +134,10 @@ def test_float32_softcap_gradient_follows_float64(kernel):
     got = refattn.vjp(sdpa, *f32[:4], None, np.float32(2.0), is_causal=True, **kernel)[1](f32[4])
     assert got[5].dtype == np.float32 and got[5].shape == ()
     assert rel_err(got[5], ref) <= 1e-4
+    # a cap given in float64 with float32 inputs gets its gradient in its own dtype
+    c64 = np.asarray(2.0)
+    mixed = refattn.vjp(sdpa, *f32[:4], None, c64, is_causal=True, **kernel)[1](f32[4])
+    assert mixed[5].dtype == np.float64 and rel_err(mixed[5], got[5]) == 0.0
 
 
 def test_a_learnable_softcap_is_checked_like_the_option():

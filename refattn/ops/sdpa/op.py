@@ -269,6 +269,8 @@ def _sdpa_bwd(
     d_cap = learned.softcap
     if n_primals >= 6 and d_cap is None and pb.softcap_given:  # a cap of 0 is off: flat
         d_cap = pb.xp.zeros((), dtype=pb.q.dtype, device=device_of(pb.q))
+    if d_cap is not None and pb.softcap_dtype is not None and d_cap.dtype != pb.softcap_dtype:
+        d_cap = pb.xp.astype(d_cap, pb.softcap_dtype)  # a cap given in another dtype
     return (*grads, d_bias, d_sinks, d_cap)[:n_primals]
 
 

@@ -100,6 +100,7 @@ class Problem:
     score_mod: Any = None
     mask_mod: Any = None
     softcap_given: bool = False
+    softcap_dtype: Any = None
 
     @property
     def n_q(self) -> int:
@@ -297,6 +298,7 @@ def prepare(
     scores_shape = (*batch, h_q, n_q, n_k) if not two_d else (n_q, n_k)
     scale = _check_scale(op, scale, d_k)
     softcap_given = softcap is not None  # 0 is "off", but a given (learnable) value
+    softcap_dtype = getattr(softcap, "dtype", None)  # a learnable cap's gradient keeps it
     softcap, window = check_score_options(
         op,
         xp,
@@ -355,6 +357,7 @@ def prepare(
         scale=scale,
         softcap=softcap,
         softcap_given=softcap_given,
+        softcap_dtype=softcap_dtype,
         normalizer=normalizer,
         alpha=alpha,
         implementation=chosen,

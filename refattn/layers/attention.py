@@ -503,6 +503,7 @@ def _mha_fwd(
         "is_causal": is_causal,
         "causal_alignment": causal_alignment,
         "window": window,
+        "sink_tokens": sink_tokens,
         "softcap": softcap,
         "dropout_mask": dropout_mask,
         "dropout_p": dropout_p,
@@ -511,9 +512,7 @@ def _mha_fwd(
     check_lengths(
         _OP, scores_shape, query_lengths, key_lengths, is_causal, causal_alignment, window_pair
     )  # before any projection, like the score options
-    score_options.update(
-        query_lengths=query_lengths, key_lengths=key_lengths, sink_tokens=sink_tokens
-    )
+    score_options.update(query_lengths=query_lengths, key_lengths=key_lengths)
     y, weights, saved = mha_forward(
         xp,
         params,

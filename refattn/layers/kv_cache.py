@@ -318,20 +318,17 @@ def multi_head_attention_cached(
         dtype=x.dtype,
         n_new=t,
     )
-    _check_mask(op, xp, mask, (*lead, heads[0], t, cache.length + t), "mask")
-    lead_scores = (*lead, heads[0], t, cache.length + t)
+    scores_shape = (*lead, heads[0], t, cache.length + t)
+    _check_mask(op, xp, mask, scores_shape, "mask")
     check_score_options(
         op,
         xp,
-        lead_scores,
+        scores_shape,
         x.dtype,
         is_causal=True,
         causal_alignment="lower_right",
-        window=window,
-        softcap=softcap,
+        **score_options,
     )
-    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
-        raise ValueError(f"refattn.{op}: sink_tokens must be an int >= 0, got {sink_tokens!r}")
     return _self_attention_step(xp, params, x, cache, heads, mask, **score_options)
 
 

@@ -162,10 +162,10 @@ def _backward_block(
     d_o: Array | None,
     d_p: Array | None,
     d_lse: Array | None,
-    bias_grad: ScoreGradients | None = None,
+    learned: ScoreGradients | None = None,
 ) -> tuple[Array, Array, Array]:
     """Rows ``r0:r1`` of the backward: ``(dQ rows, dK part, dV part)``; ``dS`` into
-    ``bias_grad`` when the bias is learnable.
+    ``learned`` (the learnable bias and softcap, :class:`~.scores.ScoreGradients`).
 
     With ``t = e o (dP - c)``, where ``c`` collects the per-row terms (Delta, the weights
     cotangent's row sums, minus the LSE cotangent), ``dS = t / l`` and
@@ -212,8 +212,8 @@ def _backward_block(
         t *= e
     if blk.chain is not None:
         t = blk.chain.to_bias(t)  # the VJP is linear: it commutes with the 1 / l
-    if bias_grad is not None:
-        bias_grad.add(t * inv_l, blk.chain, None, r0, r1, 0, pb.n_k)  # dB = t / l
+    if learned is not None:
+        learned.add(t * inv_l, blk.chain, None, r0, r1, 0, pb.n_k)  # dB = t / l
     if blk.chain is not None:
         t = blk.chain.to_scores(t)
     q_scaled = q * (inv_l * pb.scale)
@@ -229,10 +229,10 @@ def backward_blocks(
     d_o: Array | None,
     d_p: Array | None,
     d_lse: Array | None,
-    bias_grad: ScoreGradients | None = None,
+    learned: ScoreGradients | None = None,
 ) -> tuple[Array, Array, Array]:
     """The whole backward from the forward's blocks: ``(dQ, dK, dV)``, canonical (and ``dB``
-    into ``bias_grad``).
+    into ``learned``, with a learnable softcap's ``dc``).
 
     Each worker takes a contiguous run of blocks and accumulates its own dK and dV, so only one
     partial sum per worker is added at the end.
@@ -248,7 +248,7 @@ def backward_blocks(
         d_qs = []
         d_k = d_v = None
         for blk in run:
-            d_q_b, d_k_b, d_v_b = _backward_block(pb, blk, o, d_o, d_p, d_lse, bias_grad)
+            d_q_b, d_k_b, d_v_b = _backward_block(pb, blk, o, d_o, d_p, d_lse, learned)
             d_qs.append(d_q_b)
             if d_k is None:
                 d_k, d_v = d_k_b, d_v_b
@@ -286,10 +286,10 @@ class MaterializedResiduals:
         d_o: Array | None,
         d_p: Array | None,
         d_lse: Array | None,
-        bias_grad: ScoreGradients | None = None,
+        learned: ScoreGradients | None = None,
     ) -> tuple[Array, Array, Array]:
         """Canonical ``(dQ, dK, dV)`` from canonical cotangents (see :func:`backward_blocks`)."""
-        return backward_blocks(self.pb, self.blocks, self.o, d_o, d_p, d_lse, bias_grad)
+        return backward_blocks(self.pb, self.blocks, self.o, d_o, d_p, d_lse, learned)
 
 
 def forward(pb: Problem, *, want_weights: bool) -> tuple[Array, Array | None, Array, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..._backend import device_of
 from ..._op import Op
 from . import materialized, tiled
 from .problem import prepare
@@ -266,11 +265,7 @@ def _sdpa_bwd(
     if n_primals >= 5 and pb.sinks is not None:
         weights = residuals.weights() if d_p is not None else None
         d_sinks = pb.sinks_gradient(residuals.o, residuals.lse, weights, d_o, d_p, d_l)
-    d_cap = learned.softcap
-    if n_primals >= 6 and d_cap is None and pb.softcap_given:  # a cap of 0 is off: flat
-        d_cap = pb.xp.zeros((), dtype=pb.q.dtype, device=device_of(pb.q))
-    if d_cap is not None and pb.softcap_dtype is not None and d_cap.dtype != pb.softcap_dtype:
-        d_cap = pb.xp.astype(d_cap, pb.softcap_dtype)  # a cap given in another dtype
+    d_cap = pb.softcap_gradient(learned.softcap) if n_primals >= 6 else None
     return (*grads, d_bias, d_sinks, d_cap)[:n_primals]
 
 

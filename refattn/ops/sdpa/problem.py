@@ -18,7 +18,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..._backend import describe, floating_dtype, itemsize, namespace, real_number, to_host
+from ..._backend import (
+    describe,
+    device_of,
+    floating_dtype,
+    itemsize,
+    namespace,
+    real_number,
+    to_host,
+)
 from ..._op import Op
 from ..masks import check_alignment
 from ..softmax import check_broadcast, check_mask
@@ -63,8 +71,8 @@ class Problem:
         the indices), or None; applied in :func:`~refattn.ops.sdpa.scores.masked_scores`
     drop : dropout multiplier ``mask / (1 - p)`` broadcastable like ``bias``, or None
     scale : Python float
-    softcap : Python float > 0, or None (no cap); ``softcap_given``: a value was passed (0, "off",
-        included), so a positional (learnable) one gets a gradient
+    softcap : Python float > 0, or None (no cap); ``softcap_input`` the caller's value (0, "off",
+        included), which a positional (learnable) cap's gradient follows
     normalizer : "softmax", "sparsemax" or "entmax" (the latter two: materialized only)
     alpha : Python float in [1, 2] for "entmax", else None
     implementation : "materialized" or "tiled" ("auto" is resolved here)
@@ -99,8 +107,7 @@ class Problem:
     bias_shape: tuple[int, ...] | None = None
     score_mod: Any = None
     mask_mod: Any = None
-    softcap_given: bool = False
-    softcap_dtype: Any = None
+    softcap_input: Any = None
 
     @property
     def n_q(self) -> int:
@@ -164,6 +171,18 @@ class Problem:
         if axes:
             grad = xp.sum(grad, axis=axes, keepdims=True)
         return xp.reshape(grad, user)
+
+    def softcap_gradient(self, grad: Array | None) -> Array | None:
+        """A learnable cap's ``dc`` (0-d, from :class:`~.scores.ScoreGradients`) in the dtype
+        of the caller's cap; 0 for a cap of 0 (off: the scores do not depend on it), None when
+        none was given."""
+        if self.softcap_input is None:
+            return None
+        xp = self.xp
+        if grad is None:
+            grad = xp.zeros((), dtype=self.q.dtype, device=device_of(self.q))
+        dtype = getattr(self.softcap_input, "dtype", None)
+        return grad if dtype is None or grad.dtype == dtype else xp.astype(grad, dtype)
 
     def add_sinks(self, lse: Array) -> tuple[Array, Array]:
         r"""The sink logits' share of each row: ``(lse', r)`` from the keys' ``lse``.
@@ -297,8 +316,7 @@ def prepare(
     n_k, d_v = int(k.shape[-2]), int(v.shape[-1])
     scores_shape = (*batch, h_q, n_q, n_k) if not two_d else (n_q, n_k)
     scale = _check_scale(op, scale, d_k)
-    softcap_given = softcap is not None  # 0 is "off", but a given (learnable) value
-    softcap_dtype = getattr(softcap, "dtype", None)  # a learnable cap's gradient keeps it
+    softcap_input = softcap  # the caller's value (0, "off", included): for its gradient
     softcap, window = check_score_options(
         op,
         xp,
@@ -309,11 +327,11 @@ def prepare(
         is_causal=is_causal,
         causal_alignment=causal_alignment,
         window=window,
+        sink_tokens=sink_tokens,
         softcap=softcap,
         dropout_mask=dropout_mask,
         dropout_p=dropout_p,
     )
-    sink_tokens = _check_sink_tokens(op, sink_tokens)
     lengths = check_lengths(
         op,
         scores_shape,
@@ -356,8 +374,7 @@ def prepare(
         mask_mod=mask_mod,
         scale=scale,
         softcap=softcap,
-        softcap_given=softcap_given,
-        softcap_dtype=softcap_dtype,
+        softcap_input=softcap_input,
         normalizer=normalizer,
         alpha=alpha,
         implementation=chosen,
@@ -382,6 +399,7 @@ def check_score_options(
     is_causal: Any = False,
     causal_alignment: Any = "upper_left",
     window: Any = None,
+    sink_tokens: Any = 0,
     softcap: Any = None,
     dropout_mask: Array | None = None,
     dropout_p: Any = 0.0,
@@ -401,6 +419,7 @@ def check_score_options(
     check_alignment(causal_alignment)
     cap = _check_softcap(op, softcap)
     window = _check_window(op, window)
+    _check_sink_tokens(op, sink_tokens)
     if mask is not None:
         check_mask(xp, f"{op}: {mask_name}", mask, scores_shape)
     if bias is not None:
@@ -512,14 +531,13 @@ def _check_window(op: str, window: Any) -> tuple[int | None, int | None] | None:
     return (None if left is None else int(left), None if right is None else int(right))
 
 
-def _check_sink_tokens(op: str, sink_tokens: Any) -> int:
+def _check_sink_tokens(op: str, sink_tokens: Any) -> None:
     """StreamingLLM's sink tokens: an int >= 0, the first keys kept through the ``window``."""
     if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
         raise ValueError(
             f"refattn.{op}: sink_tokens must be an int >= 0 (the first keys every query sees "
             f"through its window), got {sink_tokens!r}"
         )
-    return int(sink_tokens)
 
 
 def _check_sinks(

@@ -691,10 +691,10 @@ def tiled_backward(
     d_o: Array | None,
     d_w: Array | None = None,
     d_lse: Array | None = None,
-    bias_grad: ScoreGradients | None = None,
+    learned: ScoreGradients | None = None,
 ) -> tuple[Array, Array, Array]:
     """LSE-recompute backward: ``(dQ, dK, dV)`` in the canonical layout (and each tile's
-    ``dS`` into ``bias_grad`` when the bias is learnable).
+    ``dB`` into ``learned`` for a learnable bias or softcap).
 
     ``o (B, Hkv, g, n_q, d_v)`` and ``lse (B, Hkv, g, n_q)`` from :func:`tiled_forward`;
     cotangents ``d_o`` like ``o``, ``d_w (B, Hkv, g, n_q, n_k)`` for returned weights and
@@ -743,7 +743,7 @@ def tiled_backward(
                     lane_dk,
                     lane_dv,
                     keys,
-                    bias_grad,
+                    learned,
                 )
                 d_q[hc.b0 : hc.b1, hc.h0 : hc.h1, :, r0:r1, :] = dq_u
 
@@ -769,7 +769,7 @@ def _backward_unit(
     d_k: Array,
     d_v: Array,
     keys: AugmentedKeys,
-    bias_grad: ScoreGradients | None = None,
+    learned: ScoreGradients | None = None,
 ) -> Array:
     r"""Rows ``r0:r1`` of heads ``hc``: returns their ``dQ``, adds into ``d_k``, ``d_v``.
 
@@ -850,8 +850,8 @@ def _backward_unit(
             d_p = p * (-c if d_w_u is None else d_w_u[..., c0:c1] - c)
         if chain is not None:
             d_p = chain.to_bias(d_p)
-        if bias_grad is not None:
-            bias_grad.add(d_p, chain, hc, r0, r1, c0, c1)  # dB, before the cap's slope
+        if learned is not None:
+            learned.add(d_p, chain, hc, r0, r1, c0, c1)  # dB, before the cap's slope
         if chain is not None:
             d_p = chain.to_scores(d_p)
         d_s = _merge(xp, d_p)
@@ -903,10 +903,10 @@ class TiledResiduals:
         d_o: Array | None,
         d_w: Array | None = None,
         d_lse: Array | None = None,
-        bias_grad: ScoreGradients | None = None,
+        learned: ScoreGradients | None = None,
     ) -> tuple[Array, Array, Array]:
         """Canonical ``(dQ, dK, dV)`` from canonical cotangents (see :func:`tiled_backward`)."""
-        return tiled_backward(self.pb, self.plan, self.o, self.lse, d_o, d_w, d_lse, bias_grad)
+        return tiled_backward(self.pb, self.plan, self.o, self.lse, d_o, d_w, d_lse, learned)
 
 
 def forward(

@@ -67,7 +67,7 @@ def attention_rows(
             lacks = kernel.lacks(case)
             if lacks:
                 note = f"lacks {', '.join(lacks)}"
-                report.rows.append(Row(case.name, "-", "n/a", note=note, kernel=kernel.name or ""))
+                report.rows.append(Row(case.name, "-", "n/a", note=note, kernel=kernel.name))
                 continue
             dead = conformance.inputs(case).dead.any()
             for dtype in dtypes:
@@ -77,9 +77,9 @@ def attention_rows(
                     if not is_unsupported(exc):
                         raise
                     row = Row(case.name, dtype, "n/a", note=unsupported_note(exc))
-                    row.kernel = kernel.name or ""
+                    row.kernel = kernel.name
                 if dead and row.status != "n/a":
-                    behaviour = behaviours.get(kernel.name or "", "zero")
+                    behaviour = behaviours.get(kernel.name, "zero")
                     row.add_note(
                         "fully masked rows: 0, as refattn"
                         if behaviour == "zero"
@@ -132,10 +132,10 @@ def attention_probes(
         observed = classify_masked_rows(
             out[data.dead], uniform_rows(rounded["v"], data.dead), dtype
         )
-        behaviours[kernel.name or ""] = observed
+        behaviours[kernel.name] = observed
         report.probes.append(
             Probe(
-                kernel.name or "",
+                kernel.name,
                 "fully masked rows (bool mask)",
                 "zero",
                 observed,
@@ -149,7 +149,7 @@ def attention_probes(
             zero_lse = seen == "-inf"
             report.probes.append(
                 Probe(
-                    kernel.name or "",
+                    kernel.name,
                     "logsumexp of fully masked rows",
                     "-inf",
                     seen,
@@ -184,7 +184,7 @@ def _precision_probe(kernel: Kernel) -> Probe:
     except Exception as exc:
         if not is_unsupported(exc):
             raise
-        return Probe(kernel.name or "", behaviour, "float64", "n/a", "n/a", "no float64 path")
+        return Probe(kernel.name, behaviour, "float64", "n/a", "n/a", "no float64 path")
     ref = conformance.expected(conformance.case("basic"), "float64")[2]["out"]
     rel = float(np.abs(out - ref).max()) / float(np.abs(ref).max())
     observed = "float64" if rel < 1e-12 else ("float32" if rel < 1e-5 else "other")
@@ -192,7 +192,7 @@ def _precision_probe(kernel: Kernel) -> Probe:
     if observed == "float32":
         detail += "; its float64 rows are judged by the float32 rule"
     return Probe(
-        kernel.name or "",
+        kernel.name,
         behaviour,
         "float64",
         observed,
@@ -205,13 +205,13 @@ def _alignment_probe(kernel: Kernel, dtype: str) -> Probe:
     """Which causal alignment the framework's is_causal uses when n_q < n_k."""
     behaviour = "is_causal alignment (n_q < n_k)"
     if not getattr(kernel.fn, "native_is_causal", True):
-        return Probe(kernel.name or "", behaviour, "upper_left", "n/a", "n/a", "no is_causal")
+        return Probe(kernel.name, behaviour, "upper_left", "n/a", "n/a", "no is_causal")
     try:
         out, _, r, _ = _outputs(kernel, "causal_nq12_nk20", dtype)
     except Exception as exc:
         if not is_unsupported(exc):
             raise
-        return Probe(kernel.name or "", behaviour, "upper_left", "n/a", "n/a")
+        return Probe(kernel.name, behaviour, "upper_left", "n/a", "n/a")
     errors = {}
     for alignment in ("upper_left", "lower_right"):
         expected = scaled_dot_product_attention(
@@ -224,7 +224,7 @@ def _alignment_probe(kernel: Kernel, dtype: str) -> Probe:
         if err <= tol and min(e for a, e in errors.items() if a != alignment) > tol:
             observed = alignment
     return Probe(
-        kernel.name or "",
+        kernel.name,
         behaviour,
         "upper_left",
         observed,
@@ -253,7 +253,7 @@ def _mask_meaning_probe(kernel: Kernel, dtype: str) -> Probe:
     elif err_ignore <= tol:
         observed = "True = ignore"
     return Probe(
-        kernel.name or "",
+        kernel.name,
         "boolean mask meaning",
         "True = attend",
         observed,

@@ -107,7 +107,7 @@ def cases(kernel: Kernel) -> list[Any]:
 def run(kernel: Kernel, *, dtypes: Iterable[str] | None = None, strict: bool = False) -> Report:
     """Every case and dtype (``kernel.dtypes`` by default): a :class:`Report` (``strict``:
     "warn" rows are failures)."""
-    report = Report(kernel.name or "kernel")
+    report = Report(kernel.name)
     for case in CASES:
         for dtype in dtypes or kernel.dtypes:
             lacks = kernel.lacks(case)
@@ -142,7 +142,7 @@ def evaluate(kernel: Kernel, case: Case, dtype: str, *, strict: bool = False) ->
     exclude = "fully_masked_rows" not in kernel.features and bool(inputs_of(case).dead.any())
     data, rounded, reference, baseline = expected(case, dtype, exclude)
     judged = kernel.computes_in.get(dtype, dtype)
-    result = Result(case.name, dtype, kernel=kernel.name or "")
+    result = Result(case.name, dtype, kernel=kernel.name)
     if judged != dtype:
         baseline = expected(case, judged, exclude)[3]
         result.add_note(f"judged as {judged}: it computes in {judged} for {dtype} inputs")

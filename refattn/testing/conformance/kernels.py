@@ -35,7 +35,7 @@ class Kernel:
     features: Iterable[str] = ()
     dtypes: tuple[str, ...] = ("float32",)
     layout: str = "BHSD"
-    name: str | None = None
+    name: str = ""  # the function's __name__ when not given
     vjp: Callable[..., Any] | None = None
     device: Any = "cpu"
     computes_in: Mapping[str, str] = field(default_factory=dict)
@@ -67,7 +67,7 @@ class Kernel:
                 "refattn.testing.conformance: a NumPy kernel that declares 'grad' gives its "
                 "gradients as vjp=; got none"
             )
-        if self.name is None:
+        if not self.name:
             self.name = getattr(self.fn, "__name__", "kernel")
 
     def lacks(self, case: Case) -> list[str]:
